@@ -1,0 +1,17 @@
+"""Fused log-softmax + gather: per-token log-probabilities of label tokens.
+
+The one piece of code that every script in `algos/` shares.
+
+    from kernels import logprobs
+    logp = logprobs(logits[:, :-1], input_ids[:, 1:])   # (B, T-1) float32
+
+`logprobs` never materialises a full-size fp32 log-softmax: the forward keeps one logsumexp per row,
+the backward recomputes the softmax from the logits and writes the gradient once, in the logits'
+dtype. CUDA tensors run the Triton kernels in `kernels/triton_logprobs.py`; everything else runs
+the chunked PyTorch path in `kernels/logprobs.py`, which has the same semantics and is the reference
+for the Triton kernels.
+"""
+
+from kernels.logprobs import logprobs, logprobs_reference
+
+__all__ = ["logprobs", "logprobs_reference"]
