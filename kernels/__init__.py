@@ -8,10 +8,10 @@ The one piece of code that every script in `algos/` shares.
 `logprobs` never materialises a full-size fp32 log-softmax: the forward keeps one logsumexp per row,
 the backward recomputes the softmax from the logits and writes the gradient once, in the logits'
 dtype. CUDA tensors run the Triton kernels in `kernels/triton_logprobs.py`; everything else runs
-the chunked PyTorch path in `kernels/logprobs.py`, which has the same semantics and is the reference
+the chunked PyTorch path in `kernels/ops.py`, which has the same semantics and is the reference
 for the Triton kernels.
 """
 
-from kernels.logprobs import logprobs, logprobs_reference
+from kernels.ops import logprobs, logprobs_reference
 
 __all__ = ["logprobs", "logprobs_reference"]

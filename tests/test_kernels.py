@@ -1,0 +1,244 @@
+"""kernels.logprobs against a float64 log_softmax + gather, on both paths.
+
+The Triton kernels run on CPU under the interpreter (TRITON_INTERPRET=1, set before the kernel module
+is imported); on a CUDA machine the same tests also run the compiled kernels.
+
+Tolerances, and why:
+- fp32 logits: the op accumulates in fp32 (online softmax over V terms), so the error against float64
+  is a few fp32 ulps of the logsumexp: atol 1e-5 on log-probs and 1e-6 on gradients (entries <= |g|).
+- bf16/fp16 logits: log-probs are computed in fp32 from the exact low-precision inputs, so they keep
+  the fp32 tolerance. The gradient is rounded once to the logits' dtype: at most half an ulp, plus one
+  ulp in the interpreter whose bf16 store truncates instead of rounding. The bound used is that of
+  PyTorch's own low-precision path (its fp32 result rounded to bf16) plus one ulp.
+"""
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest
+import torch
+
+from kernels import logprobs, logprobs_reference
+from kernels import ops, triton_logprobs
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def triton_op(logits, labels, ignore_index=-100):
+    """The Triton forward and backward through the same autograd op, on any device."""
+
+    class TritonLogProbs(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            x3 = x.view(1, -1, x.shape[-1]) if x.is_contiguous() else x
+            lab = labels.reshape(x3.shape[:2]).contiguous()
+            logp, lse = triton_logprobs.forward(x3, lab, ignore_index)
+            ctx.save_for_backward(x3, lab, lse)
+            return logp.view(labels.shape)
+
+        @staticmethod
+        def backward(ctx, g):
+            x3, lab, lse = ctx.saved_tensors
+            grad = triton_logprobs.backward(x3, lab, lse, g.reshape(lab.shape).float().contiguous(), ignore_index)
+            return grad.view(logits.shape)
+
+    return TritonLogProbs.apply(logits)
+
+
+def torch_op(logits, labels, ignore_index=-100):
+    return logprobs(logits, labels, ignore_index)
+
+
+IMPLEMENTATIONS = {"torch": torch_op, "triton": triton_op}
+
+
+def reference(logits, labels, upstream, ignore_index=-100):
+    """float64 log_softmax + gather and its gradient for the upstream gradient `upstream`."""
+    x = logits.detach().double().requires_grad_(True)
+    valid = labels != ignore_index
+    logp = torch.log_softmax(x, dim=-1).gather(-1, torch.where(valid, labels, 0)[..., None]).squeeze(-1)
+    logp = torch.where(valid, logp, 0.0)
+    (grad,) = torch.autograd.grad((logp * upstream.double()).sum(), x)
+    return logp.detach(), grad
+
+
+def run(impl, logits, labels, upstream, ignore_index=-100):
+    x = logits.detach().clone().requires_grad_(True)
+    logp = IMPLEMENTATIONS[impl](x, labels, ignore_index)
+    (grad,) = torch.autograd.grad((logp * upstream).sum(), x)
+    return logp, grad
+
+
+def check(impl, logits, labels, ignore_index=-100, seed=0):
+    upstream = torch.randn(labels.shape, generator=torch.Generator().manual_seed(seed)).to(logits.device)
+    logp, grad = run(impl, logits, labels, upstream, ignore_index)
+    ref_logp, ref_grad = reference(logits, labels, upstream, ignore_index)
+    assert logp.dtype == torch.float32 and logp.shape == labels.shape
+    assert grad.dtype == logits.dtype and grad.shape == logits.shape
+    torch.testing.assert_close(logp.double(), ref_logp, atol=1e-5, rtol=1e-5)
+    if logits.dtype == torch.float32:
+        torch.testing.assert_close(grad.double(), ref_grad, atol=1e-6, rtol=1e-5)
+    else:
+        # PyTorch's own low-precision result: the exact gradient rounded to the dtype; allow one more ulp.
+        torch_rounded = ref_grad.to(logits.dtype).double()
+        ulp = torch.finfo(logits.dtype).eps * ref_grad.abs().clamp_min(torch.finfo(logits.dtype).tiny)
+        assert ((grad.double() - ref_grad).abs() <= (torch_rounded - ref_grad).abs() + ulp).all()
+    return logp, grad
+
+
+def make(rows, vocab, dtype=torch.float32, scale=3.0, seed=0, device="cpu"):
+    gen = torch.Generator().manual_seed(seed)
+    logits = (torch.randn(rows, vocab, generator=gen) * scale).to(dtype).to(device)
+    labels = torch.randint(0, vocab, (rows,), generator=gen).to(device)
+    return logits, labels
+
+
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+@pytest.mark.parametrize("vocab", [1, 123, 1000, 32000])
+def test_vocab_sizes_not_multiple_of_block(impl, vocab):
+    rows = 4 if vocab == 32000 else 9
+    logits, labels = make(rows, vocab)
+    check(impl, logits, labels)
+
+
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+def test_labels_at_both_ends_of_vocab(impl):
+    logits, labels = make(6, 257)
+    labels[:3] = 0
+    labels[3:] = 256
+    check(impl, logits, labels)
+
+
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+def test_ignored_positions_and_fully_ignored_rows(impl):
+    logits = torch.randn(3, 5, 50, generator=torch.Generator().manual_seed(1))
+    labels = torch.randint(0, 50, (3, 5), generator=torch.Generator().manual_seed(2))
+    labels[0, 1] = -100
+    labels[2] = -100  # a whole sequence ignored
+    logp, grad = check(impl, logits, labels)
+    assert (logp[2] == 0).all() and (grad[2] == 0).all() and (grad[0, 1] == 0).all()
+
+
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+def test_custom_ignore_index(impl):
+    logits, labels = make(5, 40)
+    labels[2] = 7
+    logp, grad = check(impl, logits, labels, ignore_index=7)
+    assert logp[2] == 0 and (grad[2] == 0).all()
+
+
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+def test_sliced_non_contiguous_input(impl):
+    # The shift-by-one view every script uses: logits[:, :-1] against input_ids[:, 1:].
+    full = torch.randn(3, 8, 70, generator=torch.Generator().manual_seed(3))
+    ids = torch.randint(0, 70, (3, 8), generator=torch.Generator().manual_seed(4))
+    logits, labels = full[:, :-1], ids[:, 1:]
+    assert not logits.is_contiguous() and not labels.is_contiguous()
+    if impl == "triton":
+        # The Triton path receives the (A, T, V) view with two strides, no copy.
+        upstream = torch.randn(labels.shape)
+        x = full.clone().requires_grad_(True)
+        lab = labels.contiguous()
+        logp, lse = triton_logprobs.forward(x.detach()[:, :-1], lab, -100)
+        grad = triton_logprobs.backward(x.detach()[:, :-1], lab, lse, upstream, -100)
+        ref_logp, ref_grad = reference(logits, labels, upstream)
+        torch.testing.assert_close(logp.double(), ref_logp, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(grad.double(), ref_grad, atol=1e-6, rtol=1e-5)
+    else:
+        check(impl, logits, labels)
+        # leading dimensions permuted: rows reached through two unrelated strides
+        check(impl, full.transpose(0, 1), ids.transpose(0, 1))
+
+
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+def test_huge_logits(impl):
+    logits, labels = make(6, 300, scale=30.0)
+    logp, _ = check(impl, logits, labels)
+    assert torch.isfinite(logp).all()
+
+
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_confident_rows_do_not_cancel(impl, dtype):
+    # p(label) >= 0.999: in low precision 1 - p would round to 0 or to a multiple of the ulp of 1.
+    logits, labels = make(8, 500, scale=1.0)
+    logits[torch.arange(8), labels] = 15.0
+    logits = logits.to(dtype)
+    p = torch.softmax(logits.double(), -1)[torch.arange(8), labels]
+    assert (p >= 0.999).all()
+    upstream = torch.ones(8)
+    _, grad = run(impl, logits, labels, upstream)
+    _, ref_grad = reference(logits, labels, upstream)
+    label_grad, ref_label_grad = grad[torch.arange(8), labels].double(), ref_grad[torch.arange(8), labels]
+    # 1 - p ~ 3e-4 is right to the dtype's relative precision plus the fp32 error of p = exp(x - lse),
+    # about an fp32 ulp of lse (~16 here); computed in the dtype it would be off by up to an ulp of 1
+    # in that dtype (bf16: 4e-3, ten times the value itself).
+    bound = torch.finfo(dtype).eps * ref_label_grad.abs() + 2 * torch.finfo(torch.float32).eps * 16
+    assert ((label_grad - ref_label_grad).abs() <= bound).all()
+
+
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_inputs_fp32_outputs(impl, dtype):
+    logits, labels = make(10, 1000, dtype=dtype)
+    check(impl, logits, labels)
+
+
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+def test_leading_shapes(impl):
+    logits = torch.randn(2, 3, 4, 33, generator=torch.Generator().manual_seed(5))
+    labels = torch.randint(0, 33, (2, 3, 4), generator=torch.Generator().manual_seed(6))
+    check(impl, logits, labels)
+
+
+def test_triton_out_of_vocab_label_gives_nan_not_a_read_out_of_bounds():
+    logits, labels = make(4, 30)
+    labels[1] = 30
+    logp, _ = triton_logprobs.forward(logits.view(1, 4, 30), labels.view(1, 4), -100)
+    assert torch.isnan(logp[0, 1]) and torch.isfinite(logp[0, [0, 2, 3]]).all()
+
+
+def test_labels_outside_vocabulary_raise():
+    logits, labels = make(4, 30)
+    for bad in (30, -1):
+        labels[2] = bad
+        with pytest.raises(ValueError, match="outside the vocabulary"):
+            logprobs(logits, labels)
+
+
+def test_shape_and_dtype_errors():
+    logits, labels = make(4, 30)
+    with pytest.raises(ValueError, match="leading shape"):
+        logprobs(logits, labels[:3])
+    with pytest.raises(ValueError, match="integer"):
+        logprobs(logits, labels.float())
+
+
+def test_torch_path_chunks_rows(monkeypatch):
+    # Force many chunks so the chunk boundaries are exercised on small shapes.
+    monkeypatch.setattr(ops, "_CHUNK_ELEMENTS", 64)
+    logits, labels = make(37, 50)
+    check("torch", logits, labels)
+
+
+def test_reference_matches_op():
+    logits, labels = make(7, 90)
+    labels[3] = -100
+    torch.testing.assert_close(logprobs(logits, labels), logprobs_reference(logits, labels))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_dispatch_compiled(dtype):
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        pytest.skip("the interpreter is on; run with TRITON_INTERPRET=0 to test the compiled kernels")
+    logits, labels = make(64, 32000, dtype=dtype, device="cuda")
+    labels[5] = -100
+    upstream = torch.randn(64, device="cuda")
+    x = logits.clone().requires_grad_(True)
+    (grad,) = torch.autograd.grad((logprobs(x, labels) * upstream).sum(), x)
+    ref_logp, ref_grad = reference(logits, labels, upstream)
+    torch.testing.assert_close(logprobs(logits, labels).double(), ref_logp, atol=1e-5, rtol=1e-5)
+    assert grad.dtype == dtype
+    torch.testing.assert_close(grad.double(), ref_grad, atol=2e-2 if dtype == torch.bfloat16 else 1e-6, rtol=1e-2)
