@@ -10,8 +10,12 @@ the backward recomputes the softmax from the logits and writes the gradient once
 dtype. CUDA tensors run the Triton kernels in `kernels/triton_logprobs.py`; everything else runs
 the chunked PyTorch path in `kernels/ops.py`, which has the same semantics and is the reference
 for the Triton kernels.
+
+`linear_logprobs(hidden, weight, labels)` goes one step further: it takes the last hidden states and
+the output projection and never holds the full logits (chunked over tokens, recomputed in backward).
 """
 
+from kernels.linear import linear_logprobs
 from kernels.ops import logprobs, logprobs_reference
 
-__all__ = ["logprobs", "logprobs_reference"]
+__all__ = ["linear_logprobs", "logprobs", "logprobs_reference"]

@@ -14,6 +14,9 @@ import torch
 # elements (16 MiB): the only full-width fp32 buffer the op ever holds.
 _CHUNK_ELEMENTS = 1 << 22
 
+# Run the Triton kernels on CPU tensors too: only for tests, under the interpreter (TRITON_INTERPRET=1).
+TRITON_ON_CPU = os.environ.get("KERNELS_TRITON_ON_CPU") == "1"
+
 
 def _check_labels(labels: torch.Tensor, vocab_size: int, ignore_index: int) -> None:
     bad = (labels != ignore_index) & ((labels < 0) | (labels >= vocab_size))
@@ -72,17 +75,31 @@ def _torch_backward(logits3d, labels2d, lse, grad_logp, ignore_index: int):
     return grad
 
 
+def forward_rows(logits3d, labels2d, ignore_index: int):
+    """(A, T, V) logits, (A, T) labels -> logp, lse (A, T) fp32: Triton on CUDA, PyTorch elsewhere."""
+    if logits3d.is_cuda or TRITON_ON_CPU:
+        from kernels import triton_logprobs
+
+        return triton_logprobs.forward(logits3d, labels2d, ignore_index)
+    return _torch_forward(logits3d, labels2d, ignore_index)
+
+
+def backward_rows(logits3d, labels2d, lse, grad_logp, ignore_index: int):
+    """The gradient w.r.t. (A, T, V) logits, contiguous, in their dtype."""
+    grad_logp = grad_logp.reshape(labels2d.shape).float().contiguous()
+    if logits3d.is_cuda or TRITON_ON_CPU:
+        from kernels import triton_logprobs
+
+        return triton_logprobs.backward(logits3d, labels2d, lse, grad_logp, ignore_index)
+    return _torch_backward(logits3d, labels2d, lse, grad_logp, ignore_index)
+
+
 class _LogProbs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, labels, ignore_index):
         logits3d = _as_rows(logits)
         labels2d = labels.reshape(logits3d.shape[:2]).contiguous()
-        if logits.is_cuda:
-            from kernels import triton_logprobs
-
-            logp, lse = triton_logprobs.forward(logits3d, labels2d, ignore_index)
-        else:
-            logp, lse = _torch_forward(logits3d, labels2d, ignore_index)
+        logp, lse = forward_rows(logits3d, labels2d, ignore_index)
         ctx.save_for_backward(logits3d, labels2d, lse)
         ctx.ignore_index = ignore_index
         ctx.logits_shape = logits.shape
@@ -91,14 +108,22 @@ class _LogProbs(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_logp):
         logits3d, labels2d, lse = ctx.saved_tensors
-        grad_logp = grad_logp.reshape(labels2d.shape).float().contiguous()
-        if logits3d.is_cuda:
-            from kernels import triton_logprobs
-
-            grad = triton_logprobs.backward(logits3d, labels2d, lse, grad_logp, ctx.ignore_index)
-        else:
-            grad = _torch_backward(logits3d, labels2d, lse, grad_logp, ctx.ignore_index)
+        grad = backward_rows(logits3d, labels2d, lse, grad_logp, ctx.ignore_index)
         return grad.view(ctx.logits_shape), None, None
+
+
+def _validate(logits_shape, labels, is_cuda: bool, ignore_index: int, check_labels: bool | None) -> None:
+    if logits_shape[:-1] != labels.shape:
+        raise ValueError(
+            f"logprobs: logits {tuple(logits_shape)} and labels {tuple(labels.shape)} must share the "
+            f"leading shape (logits is (..., V), labels is (...)); shift one of them by a position?"
+        )
+    if labels.dtype.is_floating_point or labels.dtype == torch.bool:
+        raise ValueError(f"logprobs: labels must be an integer tensor, got {labels.dtype}")
+    if check_labels is None:
+        check_labels = not is_cuda or os.environ.get("KERNELS_CHECK_LABELS") == "1"
+    if check_labels:
+        _check_labels(labels, logits_shape[-1], ignore_index)
 
 
 def logprobs(
@@ -122,17 +147,7 @@ def logprobs(
     Returns:
         float32 tensor of `labels.shape`.
     """
-    if logits.shape[:-1] != labels.shape:
-        raise ValueError(
-            f"logprobs: logits {tuple(logits.shape)} and labels {tuple(labels.shape)} must share the "
-            f"leading shape (logits is (..., V), labels is (...)); shift one of them by a position?"
-        )
-    if labels.dtype.is_floating_point or labels.dtype == torch.bool:
-        raise ValueError(f"logprobs: labels must be an integer tensor, got {labels.dtype}")
-    if check_labels is None:
-        check_labels = not logits.is_cuda or os.environ.get("KERNELS_CHECK_LABELS") == "1"
-    if check_labels:
-        _check_labels(labels, logits.shape[-1], ignore_index)
+    _validate(logits.shape, labels, logits.is_cuda, ignore_index, check_labels)
     return _LogProbs.apply(logits, labels, ignore_index)
 
 
