@@ -274,7 +274,7 @@ def tokenize_row(example: dict, tokenizer, max_length, max_prompt_length, trunca
     return {"prompt_ids": prompt_ids, "chosen_ids": chosen_ids, "rejected_ids": rejected_ids, "truncated": truncated}
 
 
-def prepare_dataset(dataset: Dataset, tokenizer, vocab_size: int, args: Args, name: str = "the dataset") -> list[dict]:
+def prepare_dataset(dataset: Dataset, tokenizer, vocab_size: int, args: Args, name="the dataset") -> list[dict]:
     """Check a preference dataset and tokenize it into a list of `tokenize_row` rows."""
     columns = ["prompt", "chosen", "rejected"]
     missing = [column for column in columns if column not in dataset.column_names]
@@ -335,7 +335,8 @@ def compute_loss(model, ref_model, batch: dict, args: Args) -> tuple[torch.Tenso
     """The mean loss of a batch, and the sums over its pairs of the logged metrics."""
     policy_chosen_logps, policy_rejected_logps = concatenated_forward(model, batch)
     if ref_model is None:  # precomputed
-        reference_chosen_logps, reference_rejected_logps = batch["reference_chosen_logps"], batch["reference_rejected_logps"]
+        reference_chosen_logps = batch["reference_chosen_logps"]
+        reference_rejected_logps = batch["reference_rejected_logps"]
     else:
         with torch.no_grad():
             reference_chosen_logps, reference_rejected_logps = concatenated_forward(ref_model, batch)
@@ -417,7 +418,8 @@ if __name__ == "__main__":
     transformers.logging.disable_progress_bar()
 
     # distributed: torchrun sets RANK, LOCAL_RANK and WORLD_SIZE; one process otherwise
-    rank, local_rank, world_size = (int(os.environ.get(k, d)) for k, d in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1")))
+    rank, world_size = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     use_cuda = args.cuda and torch.cuda.is_available()
     device = torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
     if use_cuda:
@@ -447,29 +449,33 @@ if __name__ == "__main__":
                        config=asdict(args), name=run_name, save_code=True)
         os.makedirs(output_dir, exist_ok=True)
         writer = SummaryWriter(output_dir)
-        writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in asdict(args).items()))
+        table = "\n".join(f"|{key}|{value}|" for key, value in asdict(args).items())
+        writer.add_text("hyperparameters", f"|param|value|\n|-|-|\n{table}")
         metrics_file = open(os.path.join(output_dir, "metrics.jsonl"), "w")
 
     # model and tokenizer: the policy trains; the reference is a frozen copy in eval mode
     tokenizer = AutoTokenizer.from_pretrained(args.model_name_or_path)
     pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    policy = AutoModelForCausalLM.from_pretrained(args.model_name_or_path, dtype=getattr(torch, args.dtype)).to(device)
+    dtype = getattr(torch, args.dtype)
+    policy = AutoModelForCausalLM.from_pretrained(args.model_name_or_path, dtype=dtype).to(device)
     policy.train()
     if args.gradient_checkpointing:
         policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    ref_model = AutoModelForCausalLM.from_pretrained(args.model_name_or_path, dtype=getattr(torch, args.dtype)).to(device)
+    ref_model = AutoModelForCausalLM.from_pretrained(args.model_name_or_path, dtype=dtype).to(device)
     ref_model.eval().requires_grad_(False)
     model = DDP(policy, device_ids=[local_rank] if use_cuda else None) if world_size > 1 else policy
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16)
 
     # data
     vocab_size = policy.get_input_embeddings().num_embeddings
-    train_data, test_data = load_splits(args.dataset_name, args.dataset_config, args.dataset_train_split, args.dataset_test_split)
+    train_data, test_data = load_splits(
+        args.dataset_name, args.dataset_config, args.dataset_train_split, args.dataset_test_split
+    )
     train_rows = prepare_dataset(train_data, tokenizer, vocab_size, args, "the train split")
     eval_rows = prepare_dataset(test_data, tokenizer, vocab_size, args, "the test split") if test_data else []
     truncated = sum(row["truncated"] for row in train_rows + eval_rows)
     if truncated and is_main:
-        print(f"warning: {truncated} examples truncated to --max-length {args.max_length}, --max-prompt-length {args.max_prompt_length}")
+        print(f"warning: {truncated} examples truncated to --max-prompt-length / --max-length")
     if args.precompute_ref_logps:
         precompute_ref_logps(ref_model, train_rows, args, pad_token_id, device, autocast)
         precompute_ref_logps(ref_model, eval_rows, args, pad_token_id, device, autocast)
@@ -480,13 +486,13 @@ if __name__ == "__main__":
     global_batch_size = micro_batch_size * world_size * accumulation
     steps_per_epoch = len(train_rows) // global_batch_size
     if steps_per_epoch == 0:
-        raise ValueError(f"the train split has {len(train_rows)} pairs, fewer than one global batch ({global_batch_size})")
+        raise ValueError(f"the train split has {len(train_rows)} pairs, less than a global batch ({global_batch_size})")
     total_steps = args.max_steps if args.max_steps is not None else args.num_train_epochs * steps_per_epoch
     optimizer = torch.optim.AdamW(policy.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
     scheduler = get_scheduler(args.lr_scheduler_type, optimizer, round(args.warmup_ratio * total_steps), total_steps)
     if is_main:
         print(f"{run_name}: {len(train_rows)} train and {len(eval_rows)} test pairs; {total_steps} steps of "
-              f"{global_batch_size} pairs = {world_size} processes x {micro_batch_size} x {accumulation} accumulated; {device}")
+              f"{global_batch_size} pairs ({world_size} processes x {micro_batch_size} x {accumulation}) on {device}")
 
     # training: each step takes one global batch; micro-batch m of process r is its slice m * world_size + r
     batches = global_batches(len(train_rows), global_batch_size, args.seed)
@@ -519,8 +525,8 @@ if __name__ == "__main__":
                                   "train/epoch": step / steps_per_epoch})
             logs.update(train_metrics)
             sums, count = {}, torch.zeros((), device=device)
-            progress.set_postfix(loss=f"{train_metrics['train/loss']:.4f}", margin=f"{train_metrics['train/rewards/margins']:.3f}",
-                                 acc=f"{train_metrics['train/rewards/accuracies']:.2f}")
+            shown = {"loss": "train/loss", "margin": "train/rewards/margins", "acc": "train/rewards/accuracies"}
+            progress.set_postfix({name: f"{train_metrics[key]:.3f}" for name, key in shown.items()})
         if eval_rows and ((args.eval_steps > 0 and step % args.eval_steps == 0) or step == total_steps):
             eval_metrics = evaluate(policy, ref_model, eval_rows, args, pad_token_id, device, autocast)
             logs.update(eval_metrics)

@@ -1,0 +1,208 @@
+"""algos/dpo.py's data preparation, batching and log-probs, on a tiny character tokenizer and a random
+Llama built here (no bundled assets needed). The loss itself is pinned by tests/golden/dpo.dpo_loss.json,
+the whole script by tests/test_runs.py."""
+
+import json
+
+import pytest
+import torch
+from datasets import Dataset
+from tokenizers import Tokenizer, models, processors
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from algos.dpo import (
+    Args,
+    collate,
+    compute_loss,
+    dpo_loss,
+    global_batches,
+    load_splits,
+    precompute_ref_logps,
+    prepare_dataset,
+    tokenize_row,
+)
+
+CHARS = list("0123456789+-*()=: \nQAnswer")
+# the bundled model's convention: the template writes neither BOS nor EOS
+PLAIN_TEMPLATE = ("{% for m in messages %}{% if m['role'] == 'user' %}{{ 'Q: ' + m['content'] + '\\n' }}"
+                  "{% else %}{{ m['content'] }}{% endif %}{% endfor %}")
+# a Llama-style template that writes BOS at the start and EOS after each assistant turn
+SPECIAL_TEMPLATE = ("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}{{ 'Q: ' + m['content'] + '\\n' }}"
+                    "{% else %}{{ m['content'] + eos_token }}{% endif %}{% endfor %}")
+
+
+def make_tokenizer(chat_template=PLAIN_TEMPLATE):
+    vocab = {token: i for i, token in enumerate(["<pad>", "<s>", "</s>", "<unk>", *dict.fromkeys(CHARS)])}
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    backend.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>",
+                                        pad_token="<pad>", unk_token="<unk>")
+    tokenizer.chat_template = chat_template
+    return tokenizer
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return make_tokenizer()
+
+
+def ids(tokenizer, text):
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def row(tokenizer, example, **overrides):
+    args = Args(**overrides)
+    return tokenize_row(example, tokenizer, args.max_length, args.max_prompt_length, args.truncation_mode)
+
+
+EXAMPLE = {"prompt": "Q: (1+2)*3\n", "chosen": "1 + 2 = 3\n3 * 3 = 9\nAnswer: 9", "rejected": "Answer: 8"}
+CONVERSATION = {"prompt": [{"role": "user", "content": "(1+2)*3"}],
+                "chosen": [{"role": "assistant", "content": EXAMPLE["chosen"]}],
+                "rejected": [{"role": "assistant", "content": EXAMPLE["rejected"]}]}
+
+
+def test_standard_format_bos_once_eos_once(tokenizer):
+    r = row(tokenizer, EXAMPLE)
+    assert r["prompt_ids"] == [tokenizer.bos_token_id] + ids(tokenizer, EXAMPLE["prompt"])
+    assert r["chosen_ids"] == ids(tokenizer, EXAMPLE["chosen"]) + [tokenizer.eos_token_id]
+    assert r["rejected_ids"] == ids(tokenizer, EXAMPLE["rejected"]) + [tokenizer.eos_token_id]
+    assert not r["truncated"]
+
+
+def test_conversational_format_gives_the_same_tokens(tokenizer):
+    assert row(tokenizer, CONVERSATION) == row(tokenizer, EXAMPLE)
+
+
+def test_template_that_writes_bos_and_eos_gets_neither_twice():
+    tokenizer = make_tokenizer(SPECIAL_TEMPLATE)
+    r = row(tokenizer, CONVERSATION)
+    assert r == row(make_tokenizer(), EXAMPLE)
+    assert r["prompt_ids"].count(tokenizer.bos_token_id) == 1
+    assert r["chosen_ids"].count(tokenizer.eos_token_id) == 1
+
+
+def test_text_already_ending_with_eos_gets_no_second_eos(tokenizer):
+    r = row(tokenizer, {**EXAMPLE, "chosen": EXAMPLE["chosen"] + "</s>"})
+    assert r["chosen_ids"] == row(tokenizer, EXAMPLE)["chosen_ids"]
+
+
+@pytest.mark.parametrize("mode", ["keep_end", "keep_start"])
+def test_truncation_cuts_the_prompt_by_mode_then_the_completion(tokenizer, mode):
+    full = row(tokenizer, EXAMPLE)
+    r = row(tokenizer, EXAMPLE, max_prompt_length=5, max_length=12, truncation_mode=mode)
+    assert r["prompt_ids"] == (full["prompt_ids"][-5:] if mode == "keep_end" else full["prompt_ids"][:5])
+    assert r["chosen_ids"] == full["chosen_ids"][:7] and r["rejected_ids"] == full["rejected_ids"][:7]
+    assert r["truncated"]
+
+
+def dataset(*examples):
+    return Dataset.from_list(list(examples))
+
+
+def test_an_example_that_cannot_fit_is_an_error(tokenizer):
+    long_prompt = {**EXAMPLE, "prompt": "Q: " + "1+" * 20 + "1\n"}
+    with pytest.raises(ValueError, match=r"example 1: the prompt takes 16 tokens.*no room.*--max-prompt-length"):
+        prepare_dataset(dataset(EXAMPLE, long_prompt), tokenizer, 100, Args(max_length=16, max_prompt_length=16))
+
+
+def test_missing_columns_are_named(tokenizer):
+    with pytest.raises(ValueError, match=r"lacks the column\(s\) \['prompt'\].*rename the columns"):
+        prepare_dataset(dataset({"chosen": "a", "rejected": "b"}), tokenizer, 100, Args())
+
+
+def test_empty_dataset_is_an_error(tokenizer):
+    empty = Dataset.from_dict({"prompt": [], "chosen": [], "rejected": []})
+    with pytest.raises(ValueError, match="the train split is empty"):
+        prepare_dataset(empty, tokenizer, 100, Args(), "the train split")
+
+
+def test_token_ids_outside_the_vocabulary_are_an_error(tokenizer):
+    with pytest.raises(ValueError, match=r"example 0: token id \d+ is outside the model's vocabulary of 10"):
+        prepare_dataset(dataset(EXAMPLE), tokenizer, 10, Args())
+
+
+def test_conversational_data_needs_a_chat_template():
+    with pytest.raises(ValueError, match="no chat template"):
+        prepare_dataset(dataset(CONVERSATION), make_tokenizer(chat_template=None), 100, Args())
+
+
+def test_collate_masks_everything_but_the_completions(tokenizer):
+    rows = [row(tokenizer, EXAMPLE), row(tokenizer, {**EXAMPLE, "prompt": "Q: 1\n", "chosen": "Answer: 1"})]
+    batch = collate(rows, tokenizer.pad_token_id)
+    assert batch["input_ids"].shape == batch["labels"].shape == batch["attention_mask"].shape
+    assert batch["input_ids"].shape[0] == 4  # chosen 0, chosen 1, rejected 0, rejected 1
+    for i, (r, key) in enumerate([(rows[0], "chosen_ids"), (rows[1], "chosen_ids"), (rows[0], "rejected_ids"),
+                                  (rows[1], "rejected_ids")]):
+        n_prompt, n = len(r["prompt_ids"]), len(r["prompt_ids"]) + len(r[key])
+        assert batch["input_ids"][i, :n].tolist() == r["prompt_ids"] + r[key]
+        assert batch["labels"][i].tolist() == [-100] * n_prompt + r[key] + [-100] * (batch["labels"].shape[1] - n)
+        assert batch["attention_mask"][i].sum() == n
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tokenizer):
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id)
+    return LlamaForCausalLM(config).eval()
+
+
+def test_logps_are_the_completion_log_likelihood(tokenizer, tiny_model):
+    """concatenated_forward (via compute_loss) against a naive per-sequence log-softmax sum."""
+    rows = prepare_dataset(dataset(EXAMPLE, {**EXAMPLE, "prompt": "Q: 7\n", "chosen": "Answer: 7"}), tokenizer,
+                           len(tokenizer), Args())
+    batch = collate(rows, tokenizer.pad_token_id)
+    _, metrics = compute_loss(tiny_model, tiny_model, batch, Args())
+    naive = []
+    for r in rows:
+        for key in ("chosen_ids", "rejected_ids"):
+            sequence = torch.tensor([r["prompt_ids"] + r[key]])
+            logp = tiny_model(sequence).logits.double().log_softmax(-1)[0, :-1].gather(-1, sequence[0, 1:, None])
+            naive.append(logp[len(r["prompt_ids"]) - 1 :].sum().item())
+    chosen, rejected = sum(naive[0::2]), sum(naive[1::2])
+    assert metrics["logps/chosen"].item() == pytest.approx(chosen, rel=1e-5)
+    assert metrics["logps/rejected"].item() == pytest.approx(rejected, rel=1e-5)
+    assert metrics["loss"].item() == pytest.approx(2 * 0.6931471805599453, rel=1e-6)  # policy = reference
+
+
+def test_precomputed_reference_logps_match_the_reference_model(tokenizer, tiny_model):
+    examples = [EXAMPLE, {**EXAMPLE, "prompt": "Q: 7\n"}, {**EXAMPLE, "chosen": "Answer: 1"}]
+    rows = prepare_dataset(dataset(*examples), tokenizer, len(tokenizer), Args())
+    policy = LlamaForCausalLM(tiny_model.config)  # another random model, so that the rewards are not 0
+    on_the_fly = compute_loss(policy, tiny_model, collate(rows, tokenizer.pad_token_id), Args())
+    precompute_ref_logps(tiny_model, rows, Args(per_device_eval_batch_size=2), tokenizer.pad_token_id,
+                         torch.device("cpu"), torch.autocast("cpu", enabled=False))
+    precomputed = compute_loss(policy, None, collate(rows, tokenizer.pad_token_id), Args())
+    torch.testing.assert_close(precomputed[0], on_the_fly[0])
+    for key, value in on_the_fly[1].items():
+        torch.testing.assert_close(precomputed[1][key], value, msg=key)
+
+
+def test_rewards_carry_no_gradient():
+    policy = torch.tensor([-1.0, -2.0], requires_grad=True)
+    losses, chosen, rejected = dpo_loss(policy, policy.flip(0), torch.zeros(2), torch.zeros(2), beta=0.1)
+    assert losses.requires_grad and not chosen.requires_grad and not rejected.requires_grad
+
+
+def test_global_batches_are_seeded_permutations_without_the_last_partial_batch():
+    first = global_batches(10, 4, seed=3)
+    epoch0, epoch1 = [next(first) for _ in range(2)], [next(first) for _ in range(2)]
+    assert [len(b) for b in epoch0 + epoch1] == [4] * 4
+    assert len(set(epoch0[0] + epoch0[1])) == 8 and epoch0 != epoch1
+    again = global_batches(10, 4, seed=3)
+    assert [next(again) for _ in range(4)] == epoch0 + epoch1
+
+
+def test_load_splits_from_local_files(tmp_path):
+    for split in ("train", "test"):
+        (tmp_path / f"pairs_{split}.jsonl").write_text(json.dumps({**EXAMPLE, "prompt": split}) + "\n")
+    train, test = load_splits(str(tmp_path / "pairs_{split}.jsonl"), None, "train", "test")
+    assert (train[0]["prompt"], test[0]["prompt"]) == ("train", "test")
+    train, test = load_splits(str(tmp_path / "pairs_train.jsonl"), None, "train", "test")
+    assert train[0]["prompt"] == "train" and test is None  # one file: training data only
+    train.to_parquet(str(tmp_path / "pairs.parquet"))
+    assert load_splits(str(tmp_path / "pairs.parquet"), None, "train", None)[0][0] == train[0]
+    with pytest.raises(FileNotFoundError, match="pairs_validation.jsonl"):
+        load_splits(str(tmp_path / "pairs_{split}.jsonl"), None, "train", "validation")
