@@ -1,0 +1,125 @@
+"""algos/ipo.py beyond its golden values: the completion lengths it normalises by, the loss of a whole batch
+through the model, the reference paths and the bad inputs, on a tiny character tokenizer and a random
+Llama built here. The loss is pinned by tests/golden/ipo.ipo_loss.json, the whole script by
+tests/test_runs.py; the plumbing shared with dpo.py is tested in tests/test_dpo.py."""
+
+import pytest
+import torch
+from datasets import Dataset
+from tokenizers import Tokenizer, models, processors
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from algos.ipo import Args, collate, completion_lengths, compute_loss, ipo_loss, precompute_ref_logps, prepare_dataset
+
+EXAMPLES = [
+    {"prompt": "Q: (1+2)*3\n", "chosen": "1 + 2 = 3\n3 * 3 = 9\nAnswer: 9", "rejected": "Answer: 8"},
+    {"prompt": "Q: 7\n", "chosen": "Answer: 7", "rejected": "7 = 7\nAnswer: 6"},
+    {"prompt": "Q: 2*2\n", "chosen": "2 * 2 = 4\nAnswer: 4", "rejected": "2 * 2 = 5\nAnswer: 5"},
+]
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    chars = dict.fromkeys("0123456789+-*()=: \nQAnswer")
+    vocab = {token: i for i, token in enumerate(["<pad>", "<s>", "</s>", "<unk>", *chars])}
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    backend.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                                   unk_token="<unk>")
+
+
+def tiny_llama(tokenizer, seed):
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id)
+    return LlamaForCausalLM(config).eval()
+
+
+@pytest.fixture(scope="module")
+def rows(tokenizer):
+    return prepare_dataset(Dataset.from_list(EXAMPLES), tokenizer, len(tokenizer), Args())
+
+
+def naive_logps(model, row, key):
+    """Summed log-probs of one completion, by a float64 log-softmax over the whole sequence."""
+    sequence = torch.tensor([row["prompt_ids"] + row[key]])
+    logp = model(sequence).logits.double().log_softmax(-1)[0, :-1].gather(-1, sequence[0, 1:, None])
+    return logp[len(row["prompt_ids"]) - 1 :].sum().item()
+
+
+def test_completion_lengths_count_the_completion_tokens_with_eos(tokenizer, rows):
+    batch = collate(rows, tokenizer.pad_token_id)
+    chosen, rejected = completion_lengths(batch["labels"]).chunk(2)
+    assert chosen.tolist() == [len(r["chosen_ids"]) for r in rows]
+    assert rejected.tolist() == [len(r["rejected_ids"]) for r in rows]
+    assert chosen.tolist()[1] == len("Answer: 7") + 1  # one token per character, plus EOS
+
+
+@pytest.mark.parametrize("length_normalize", [True, False], ids=["normalised", "summed"])
+def test_batch_loss_is_the_equation_on_naive_logps(tokenizer, rows, length_normalize):
+    policy, reference = tiny_llama(tokenizer, 0), tiny_llama(tokenizer, 1)
+    args = Args(tau=0.25, length_normalize=length_normalize)
+    loss, metrics = compute_loss(policy, reference, collate(rows, tokenizer.pad_token_id), args)
+    expected = []
+    for r in rows:
+        n_chosen = len(r["chosen_ids"]) if length_normalize else 1
+        n_rejected = len(r["rejected_ids"]) if length_normalize else 1
+        h = ((naive_logps(policy, r, "chosen_ids") - naive_logps(reference, r, "chosen_ids")) / n_chosen
+             - (naive_logps(policy, r, "rejected_ids") - naive_logps(reference, r, "rejected_ids")) / n_rejected)
+        expected.append((h - 1 / (2 * args.tau)) ** 2)
+    assert loss.item() == pytest.approx(sum(expected) / len(expected), rel=1e-5)
+    assert metrics["loss"].item() == pytest.approx(sum(expected), rel=1e-5)
+
+
+def test_policy_equal_to_reference_gives_the_squared_target(tokenizer, rows):
+    model = tiny_llama(tokenizer, 0)
+    loss, metrics = compute_loss(model, model, collate(rows, tokenizer.pad_token_id), Args(tau=0.1))
+    assert loss.item() == pytest.approx(25.0, rel=1e-6)  # (1/(2·0.1))²
+    assert metrics["rewards/margins"].item() == 0 and metrics["rewards/accuracies"].item() == 0
+
+
+def test_precomputed_reference_logps_match_the_reference_model(tokenizer):
+    rows = prepare_dataset(Dataset.from_list(EXAMPLES), tokenizer, len(tokenizer), Args())
+    policy, reference = tiny_llama(tokenizer, 0), tiny_llama(tokenizer, 1)
+    on_the_fly = compute_loss(policy, reference, collate(rows, tokenizer.pad_token_id), Args())
+    precompute_ref_logps(reference, rows, Args(per_device_eval_batch_size=2), tokenizer.pad_token_id,
+                         torch.device("cpu"), torch.autocast("cpu", enabled=False))
+    precomputed = compute_loss(policy, None, collate(rows, tokenizer.pad_token_id), Args())
+    torch.testing.assert_close(precomputed[0], on_the_fly[0])
+    for key, value in on_the_fly[1].items():
+        torch.testing.assert_close(precomputed[1][key], value, msg=key)
+
+
+@pytest.mark.parametrize("tau", [0.0, -0.5])
+def test_non_positive_tau_is_an_error(tau):
+    zeros = torch.zeros(2)
+    with pytest.raises(ValueError, match=r"--tau .*must be positive"):
+        ipo_loss(zeros, zeros, zeros, zeros, torch.ones(2, dtype=torch.long), torch.ones(2, dtype=torch.long), tau)
+
+
+@pytest.mark.parametrize("length_normalize", [True, False], ids=["normalised", "summed"])
+def test_empty_completions_give_finite_loss_and_gradient(length_normalize):
+    policy = torch.zeros(3, requires_grad=True)
+    lengths = torch.zeros(3, dtype=torch.long)
+    losses, _, _ = ipo_loss(policy, policy, torch.zeros(3), torch.zeros(3), lengths, lengths, 0.5, length_normalize)
+    losses.sum().backward()
+    assert torch.equal(losses, torch.ones(3)) and torch.isfinite(policy.grad).all()
+
+
+def test_rewards_carry_no_gradient():
+    policy = torch.tensor([-1.0, -2.0], requires_grad=True)
+    lengths = torch.tensor([3, 4])
+    losses, chosen, rejected = ipo_loss(policy, policy.flip(0), torch.zeros(2), torch.zeros(2), lengths, lengths, 0.1)
+    assert losses.requires_grad and not chosen.requires_grad and not rejected.requires_grad
+
+
+def test_bad_datasets_are_errors_that_name_the_fix(tokenizer):
+    with pytest.raises(ValueError, match=r"lacks the column\(s\) \['rejected'\].*IPO needs.*rename the columns"):
+        prepare_dataset(Dataset.from_list([{"prompt": "Q: 1\n", "chosen": "Answer: 1"}]), tokenizer, 100, Args())
+    with pytest.raises(ValueError, match="the train split is empty"):
+        empty = Dataset.from_dict({"prompt": [], "chosen": [], "rejected": []})
+        prepare_dataset(empty, tokenizer, 100, Args(), "the train split")
+    with pytest.raises(ValueError, match=r"example 0: the prompt takes \d+ tokens.*no room"):
+        prepare_dataset(Dataset.from_list(EXAMPLES), tokenizer, 100, Args(max_length=8, max_prompt_length=8))
