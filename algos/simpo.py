@@ -1,0 +1,542 @@
+"""Simple Preference Optimization (SimPO), in one file.
+
+Paper: Meng, Xia, Chen, "SimPO: Simple Preference Optimization with a Reference-Free Reward", NeurIPS 2024,
+arXiv:2405.14734; official code princeton-nlp/SimPO. The optional SFT term makes it CPO-SimPO (the CPO
+paper's behaviour-cloning term, Xu et al. 2024, arXiv:2401.08417, on top of SimPO, as in fe1ixxu/CPO_SIMPO).
+
+Idea. DPO's implicit reward β·log π(y|x)/π_ref(y|x) needs a second model, and it is not what decoding
+follows: a pair can have the higher reward on the chosen completion while the model still finds the
+rejected one more likely per token. SimPO's reward is the policy's own average per-token log-probability,
+β·logp(y)/|y|: no reference model, no bias towards long completions from summing, and the quantity that is
+trained is the one generation ranks by. A target margin γ > 0 in the Bradley-Terry model asks the chosen
+completion to win by at least γ, not merely by something positive.
+
+Loss. logp(y) = Σ_t log π(y_t | x, y_<t) summed over the completion tokens (prompt and padding masked),
+|y| the number of completion tokens (clamped at 1: an empty completion averages to 0, never 0/0),
+γ = β·(γ/β) with γ/β = `--gamma-beta-ratio`, and for a pair (x, yw ≻ yl):
+    z    = β·logp(yw)/|yw| - β·logp(yl)/|yl| - γ
+    loss = -(1 - ε)·log σ(z) - ε·log σ(-z) + λ·SFT        averaged over the pairs of the batch
+    SFT  = -Σ logp(yw) / Σ |yw|           over the pairs of a micro-batch: the mean NLL per chosen token
+ε = λ = 0 is the paper's SimPO (eq. 6). ε > 0 is label smoothing as in cDPO (the official code has it).
+λ > 0 (`--sft-weight`, TRL's `cpo_alpha`) adds CPO-SimPO's SFT term, a token-level mean over the chosen
+completion tokens, which keeps the chosen completions likely while the margin grows. The margin is set
+through γ/β, the official code's knob (its README: tune the ratio, which keeps its meaning when β
+changes); TRL's `simpo_gamma` is γ itself.
+
+Run (from anywhere; the defaults point at the bundled task in benchmarks/arith/):
+    python algos/simpo.py                                # 1 process, CPU or one GPU
+    torchrun --nproc_per_node 2 algos/simpo.py --per-device-train-batch-size 4   # same global batch
+    python benchmarks/arith/evaluate.py runs/<run_name>  # held-out accuracy of the saved policy
+    python algos/simpo.py --model-name-or-path Qwen/Qwen2.5-0.5B-Instruct \\
+        --dataset-name trl-lib/ultrafeedback_binarized --beta 2.5 --gamma-beta-ratio 0.5 --learning-rate 5e-7 \\
+        --per-device-train-batch-size 4 --gradient-accumulation-steps 8 --num-train-epochs 1 \\
+        --max-length 1024 --bf16 --gradient-checkpointing --eval-steps 500 --logging-steps 10
+
+Deviations from the paper (and its code, princeton-nlp/SimPO):
+1. Optimiser: AdamW with linear warm-up then linear decay (TRL's default) instead of a cosine decay after
+   10% warm-up; the paper starts from an SFT model, the bundled model is already trained on the task.
+2. Lengths are clamped at 1 (the official code divides by 0 for an empty completion; here every
+   completion ends with EOS, so only direct callers of `simpo_loss` can pass 0).
+3. Tokens: prompt and completion are tokenized separately (as at generation time), the prompt gets the
+   tokenizer's BOS unless its text already starts with it (chat templates often write it), each
+   completion gets EOS unless it already ends with it. The prompt is truncated to `--max-prompt-length`
+   (`--truncation-mode`), then each completion is cut to fit `--max-length`; an example whose prompt
+   leaves no room for a completion token is an error, never silently dropped.
+4. Each epoch is a fresh seeded permutation cut into global batches; the last incomplete global batch
+   is dropped so that every step sees the same number of pairs on any number of processes.
+5. `rewards/accuracies` counts a pair as correct only if the chosen reward is strictly larger, as in the
+   official code and TRL (without γ: the reward ranking, not the margin target).
+6. The SFT term averages over the chosen tokens of each micro-batch (the official code's cross-entropy over
+   its per-device batch), so with uneven lengths it depends on how the global batch is cut.
+
+Defaults: chosen for the bundled task by the sweep described at the end of this docstring.
+
+Logged metrics (TRL's names; `train/` every `--logging-steps` steps, averaged over the pairs seen since
+the last log and over all processes; `eval/` over the whole held-out split):
+    loss                 the SimPO loss above, SFT term included (no fixed start without a reference:
+                         softplus(γ) for a pair whose two completions have equal average log-probs)
+    rewards/chosen       mean β·logp(yw)/|yw|, the reference-free reward of the chosen completions
+    rewards/rejected     mean β·logp(yl)/|yl|
+    rewards/margins      mean of chosen minus rejected reward, which the loss pushes past γ
+    rewards/accuracies   fraction of pairs with chosen reward > rejected reward
+    logps/chosen         mean logp(yw) under the policy (summed over tokens); logps/rejected alike
+    learning_rate, grad_norm (before clipping), epoch
+Everything goes to TensorBoard under runs/<run_name>/ (and W&B with --track), to runs/<run_name>/
+metrics.jsonl (one JSON object per logged step), to the progress bar, and into a final summary line.
+The trained model and tokenizer are saved with save_pretrained into the same directory.
+"""
+
+import itertools
+import json
+import os
+import random
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass
+from typing import Literal
+
+import datasets
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+import transformers
+import tyro
+from datasets import Dataset, load_dataset
+from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.utils.tensorboard import SummaryWriter
+from tqdm import tqdm
+from transformers import AutoModelForCausalLM, AutoTokenizer, get_scheduler
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)  # `kernels` lives at the repository root, next to algos/
+from kernels import logprobs  # noqa: E402
+
+
+@dataclass
+class Args:
+    exp_name: str = os.path.basename(__file__)[: -len(".py")]
+    """the name of this experiment, part of the run name"""
+    seed: int = 1
+    """seed of python, numpy, torch and the data order"""
+    torch_deterministic: bool = True
+    """if toggled, `torch.use_deterministic_algorithms`: same seed, same machine, same numbers"""
+    cuda: bool = True
+    """if toggled, use CUDA when it is available"""
+    track: bool = False
+    """if toggled, also log to Weights & Biases"""
+    wandb_project_name: str = "preference-algos"
+    """the W&B project"""
+    wandb_entity: str | None = None
+    """the W&B entity (team)"""
+    output_dir: str | None = None
+    """where logs, metrics.jsonl and the trained model go; default runs/<run_name>"""
+
+    model_name_or_path: str = os.path.join(REPO, "benchmarks/arith/model")
+    """the policy to train: a hub id or a local directory"""
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """dtype of the weights (and AdamW state); keep float32 and use --bf16 for mixed precision"""
+    bf16: bool = False
+    """if toggled, run forward passes under bfloat16 autocast (GPU)"""
+    gradient_checkpointing: bool = False
+    """if toggled, recompute activations in the backward pass to save memory"""
+
+    dataset_name: str = os.path.join(REPO, "benchmarks/arith/data/pairs_{split}.jsonl")
+    """a hub id or a local .json/.jsonl/.parquet file; `{split}` in a file name is replaced by the split
+    (a local file without it has only a training split, so no evaluation)"""
+    dataset_config: str | None = None
+    """the hub dataset's configuration name, if it has several"""
+    dataset_train_split: str = "train"
+    """the split to train on"""
+    dataset_test_split: str | None = "test"
+    """the split to evaluate on; None to skip evaluation"""
+    max_length: int = 1024
+    """maximum tokens of prompt + completion; completions are cut at the end to fit"""
+    max_prompt_length: int = 512
+    """maximum tokens of the prompt, cut according to --truncation-mode"""
+    truncation_mode: Literal["keep_end", "keep_start"] = "keep_end"
+    """which part of a too-long prompt to keep: its end (next to the completion) or its start"""
+
+    learning_rate: float = 2e-5
+    """AdamW learning rate after warm-up"""
+    lr_scheduler_type: Literal["linear", "cosine", "constant_with_warmup"] = "linear"
+    """the learning-rate schedule after warm-up"""
+    warmup_ratio: float = 0.1
+    """fraction of the optimiser steps spent warming the learning rate up linearly from 0"""
+    weight_decay: float = 0.0
+    """AdamW weight decay"""
+    max_grad_norm: float = 1.0
+    """clip the global gradient norm to this (inf: no clipping)"""
+    per_device_train_batch_size: int = 8
+    """pairs per process per micro-batch; global batch = this x processes x accumulation steps"""
+    gradient_accumulation_steps: int = 1
+    """micro-batches accumulated into one optimiser step"""
+    per_device_eval_batch_size: int = 32
+    """pairs per process per evaluation batch"""
+    num_train_epochs: int = 3
+    """passes over the training split (ignored when --max-steps is set)"""
+    max_steps: int | None = None
+    """if set, train for exactly this many optimiser steps"""
+    logging_steps: int = 10
+    """log training metrics every this many optimiser steps"""
+    eval_steps: int = 100
+    """evaluate every this many optimiser steps (0: only at the end)"""
+
+    beta: float = 2.5
+    """β, the scale of the reward β·logp(y)/|y| (large: about 2-10, not DPO's 0.1)"""
+    gamma_beta_ratio: float = 0.5
+    """γ/β, the target reward margin γ over β (the official code's knob; TRL's simpo_gamma is γ = β·this)"""
+    label_smoothing: float = 0.0
+    """ε: the assumed probability that a preference label is flipped, as in conservative DPO (0: SimPO)"""
+    sft_weight: float = 0.0
+    """λ, the weight of the SFT term, the mean NLL per chosen token (0: SimPO; > 0: CPO-SimPO)"""
+
+
+def simpo_loss(
+    policy_chosen_logps: torch.Tensor,
+    policy_rejected_logps: torch.Tensor,
+    chosen_lengths: torch.Tensor,
+    rejected_lengths: torch.Tensor,
+    beta: float,
+    gamma_beta_ratio: float,
+    label_smoothing: float = 0.0,
+    sft_weight: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The SimPO loss of each pair, and the rewards.
+
+    Inputs are (B,) sums of completion-token log-probs and (B,) integer completion token counts. With
+    n(y) = max(count, 1), γ = β·gamma_beta_ratio, ε = label_smoothing, λ = sft_weight,
+        z = β·policy_chosen/n(yw) - β·policy_rejected/n(yl) - γ
+        loss_i = -(1 - ε)·log σ(z_i) - ε·log σ(-z_i) + λ·B·(-policy_chosen_i) / max(Σ_j count(yw_j), 1)
+    so that the mean of the B losses is the SimPO loss plus λ times the mean NLL per chosen token (each pair
+    carries its share of the SFT term). Returns (losses, chosen_rewards, rejected_rewards), each (B,): the
+    per-pair losses (differentiable) and the rewards β·policy/n(y) of each completion (detached).
+    """
+    if beta <= 0 or sft_weight < 0:
+        raise ValueError(f"--beta {beta}, --sft-weight {sft_weight}: β must be positive and the SFT weight "
+                         "non-negative (a negative one would push the chosen completions down)")
+    chosen_rewards = beta * policy_chosen_logps / chosen_lengths.clamp(min=1)
+    rejected_rewards = beta * policy_rejected_logps / rejected_lengths.clamp(min=1)
+    z = chosen_rewards - rejected_rewards - beta * gamma_beta_ratio
+    losses = -(1 - label_smoothing) * F.logsigmoid(z) - label_smoothing * F.logsigmoid(-z)
+    losses = losses - sft_weight * len(losses) * policy_chosen_logps / chosen_lengths.sum().clamp(min=1)
+    return losses, chosen_rewards.detach(), rejected_rewards.detach()
+
+
+def load_splits(name: str, config: str | None, train_split: str, test_split: str | None):
+    """(train, test or None): splits of a hub dataset, or local .json/.jsonl/.parquet files where `{split}`
+    in the name is replaced by the split (a file name without it is the training data only: no test)."""
+    extension = os.path.splitext(name)[1]
+    if extension not in (".json", ".jsonl", ".parquet"):
+        test = load_dataset(name, config, split=test_split) if test_split else None
+        return load_dataset(name, config, split=train_split), test
+
+    def load_file(split):
+        path = name.replace("{split}", split)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"no dataset file {path} (--dataset-name {name}, split {split})")
+        return load_dataset("parquet" if extension == ".parquet" else "json", data_files=path, split="train")
+
+    return load_file(train_split), (load_file(test_split) if test_split and "{split}" in name else None)
+
+
+def is_conversational(value) -> bool:
+    """TRL's conversational format: a list of {"role": ..., "content": ...} messages."""
+    return isinstance(value, list) and len(value) > 0 and isinstance(value[0], dict) and "role" in value[0]
+
+
+def apply_chat_template(tokenizer, prompt: list, completions: list[list]) -> tuple[str, list[str]]:
+    """Render a conversational prompt with the generation prompt, and each completion as the rendered
+    prompt + completion conversation minus the rendered prompt."""
+    if tokenizer.chat_template is None:
+        raise ValueError("the dataset is conversational (lists of messages) but the tokenizer has no chat "
+                         "template: set tokenizer.chat_template, or use a dataset of plain strings")
+    prompt_text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+    texts = []
+    for completion in completions:
+        if not is_conversational(completion):
+            raise ValueError("the prompt is a list of messages but a completion is not: use one format")
+        text = tokenizer.apply_chat_template(prompt + completion, tokenize=False)
+        if not text.startswith(prompt_text):
+            raise ValueError(f"the chat template does not render the prompt {prompt_text!r} as a prefix of "
+                             f"prompt + completion {text!r}, so the completion cannot be cut out")
+        texts.append(text[len(prompt_text) :])
+    return prompt_text, texts
+
+
+def tokenize_prompt(tokenizer, text: str) -> list[int]:
+    """Prompt token ids, starting with BOS (once) when the tokenizer has one."""
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    if tokenizer.bos_token_id is not None and ids[:1] != [tokenizer.bos_token_id]:
+        ids = [tokenizer.bos_token_id] + ids
+    if not ids:
+        raise ValueError("the prompt is empty and the tokenizer has no BOS: nothing to predict the completion from")
+    return ids
+
+
+def tokenize_completion(tokenizer, text: str, add_eos: bool = True) -> list[int]:
+    """Completion token ids, ending with EOS (once) when add_eos."""
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    if add_eos and tokenizer.eos_token_id is None:
+        raise ValueError("the tokenizer has no EOS token to end the completions with: set tokenizer.eos_token")
+    if add_eos and ids[-1:] != [tokenizer.eos_token_id]:
+        ids = ids + [tokenizer.eos_token_id]
+    return ids
+
+
+def truncate(prompt_ids: list[int], completions_ids: list[list[int]], max_length, max_prompt_length, truncation_mode):
+    """Cut the prompt to max_prompt_length tokens (keep_end keeps its end, keep_start its start), then each
+    completion at its end to fit max_length. Raises if not even one completion token fits."""
+    if len(prompt_ids) > max_prompt_length:
+        keep_end = truncation_mode == "keep_end"
+        prompt_ids = prompt_ids[-max_prompt_length:] if keep_end else prompt_ids[:max_prompt_length]
+    room = max_length - len(prompt_ids)
+    if room < 1:
+        raise ValueError(f"the prompt takes {len(prompt_ids)} tokens, which leaves no room for the completion "
+                         f"within --max-length {max_length}: lower --max-prompt-length or raise --max-length")
+    return prompt_ids, [ids[:room] for ids in completions_ids]
+
+
+def tokenize_row(example: dict, tokenizer, max_length, max_prompt_length, truncation_mode) -> dict:
+    """A preference example, standard or conversational -> token ids of prompt, chosen and rejected."""
+    prompt, completions = example["prompt"], [example["chosen"], example["rejected"]]
+    if is_conversational(prompt):
+        prompt, completions = apply_chat_template(tokenizer, prompt, completions)
+    prompt_ids = tokenize_prompt(tokenizer, prompt)
+    completions_ids = [tokenize_completion(tokenizer, text) for text in completions]
+    lengths = [len(prompt_ids)] + [len(ids) for ids in completions_ids]
+    prompt_ids, (chosen_ids, rejected_ids) = truncate(
+        prompt_ids, completions_ids, max_length, max_prompt_length, truncation_mode
+    )
+    truncated = [len(prompt_ids), len(chosen_ids), len(rejected_ids)] != lengths
+    return {"prompt_ids": prompt_ids, "chosen_ids": chosen_ids, "rejected_ids": rejected_ids, "truncated": truncated}
+
+
+def prepare_dataset(dataset: Dataset, tokenizer, vocab_size: int, args: Args, name="the dataset") -> list[dict]:
+    """Check a preference dataset and tokenize it into a list of `tokenize_row` rows."""
+    columns = ["prompt", "chosen", "rejected"]
+    missing = [column for column in columns if column not in dataset.column_names]
+    if missing:
+        raise ValueError(f"{name} lacks the column(s) {missing}: it has {dataset.column_names}, and SimPO needs "
+                         f"{columns} (TRL's preference format with an explicit prompt, as strings or lists of "
+                         "messages): rename the columns, or move the shared prompt out of chosen/rejected")
+    if len(dataset) == 0:
+        raise ValueError(f"{name} is empty: check --dataset-name and the split")
+    rows = []
+    for i, example in enumerate(dataset):
+        try:
+            row = tokenize_row(example, tokenizer, args.max_length, args.max_prompt_length, args.truncation_mode)
+        except ValueError as error:
+            raise ValueError(f"{name}, example {i}: {error}") from error
+        top = max(row["prompt_ids"] + row["chosen_ids"] + row["rejected_ids"])
+        if top >= vocab_size:
+            raise ValueError(f"{name}, example {i}: token id {top} is outside the model's vocabulary of "
+                             f"{vocab_size}: the tokenizer does not belong to the model")
+        rows.append(row)
+    return rows
+
+
+def collate(rows: list[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """B rows -> 2B right-padded sequences, the chosen ones first: input_ids, attention_mask, labels (2B, T),
+    labels being the input ids on completion tokens and -100 on prompt and padding."""
+    sequences, labels = [], []
+    for key in ("chosen_ids", "rejected_ids"):
+        for row in rows:
+            sequences.append(row["prompt_ids"] + row[key])
+            labels.append([-100] * len(row["prompt_ids"]) + row[key])
+    length = max(map(len, sequences))
+    batch = {
+        "input_ids": torch.tensor([s + [pad_token_id] * (length - len(s)) for s in sequences]),
+        "attention_mask": torch.tensor([[1] * len(s) + [0] * (length - len(s)) for s in sequences]),
+        "labels": torch.tensor([s + [-100] * (length - len(s)) for s in labels]),
+    }
+    return batch
+
+
+def batch_logps(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """(N,) float32 sums of log π(y_t | x, y_<t) over the completion tokens. The logits at position t
+    predict token t + 1, hence the shift; labels are -100 on prompt and padding, which count 0."""
+    return logprobs(logits[:, :-1], labels[:, 1:]).sum(-1)
+
+
+def completion_lengths(labels: torch.Tensor) -> torch.Tensor:
+    """(N,) number of completion tokens of each sequence: the tokens `batch_logps` sums over."""
+    return (labels[:, 1:] != -100).sum(-1)
+
+
+def concatenated_forward(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """Chosen and rejected in one forward pass: the (B,) completion log-probs of each."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+    return batch_logps(logits, batch["labels"]).chunk(2)
+
+
+def compute_loss(model, batch: dict, args: Args) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The mean loss of a batch, and the sums over its pairs of the logged metrics."""
+    policy_chosen_logps, policy_rejected_logps = concatenated_forward(model, batch)
+    chosen_lengths, rejected_lengths = completion_lengths(batch["labels"]).chunk(2)
+    losses, chosen_rewards, rejected_rewards = simpo_loss(
+        policy_chosen_logps, policy_rejected_logps, chosen_lengths, rejected_lengths,
+        args.beta, args.gamma_beta_ratio, args.label_smoothing, args.sft_weight,
+    )
+    metrics = {
+        "loss": losses.detach().sum(),
+        "rewards/chosen": chosen_rewards.sum(),
+        "rewards/rejected": rejected_rewards.sum(),
+        "rewards/margins": (chosen_rewards - rejected_rewards).sum(),
+        "rewards/accuracies": (chosen_rewards > rejected_rewards).float().sum(),
+        "logps/chosen": policy_chosen_logps.detach().sum(),
+        "logps/rejected": policy_rejected_logps.detach().sum(),
+    }
+    return losses.mean(), metrics
+
+
+def global_batches(num_rows: int, global_batch_size: int, seed: int):
+    """Endless row indices of global batches: a seeded permutation per epoch, its last partial batch dropped."""
+    for epoch in itertools.count():
+        order = torch.randperm(num_rows, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
+        for start in range(0, num_rows - global_batch_size + 1, global_batch_size):
+            yield order[start : start + global_batch_size]
+
+
+def mean_over_ranks(sums: dict[str, torch.Tensor], count: torch.Tensor) -> dict[str, float]:
+    """Metric sums divided by the number of pairs, both summed over all processes."""
+    keys = sorted(sums)
+    totals = torch.stack([sums[key] for key in keys] + [count]).float()
+    if dist.is_initialized():
+        dist.all_reduce(totals)
+    return {key: (totals[i] / totals[-1]).item() for i, key in enumerate(keys)}
+
+
+@torch.no_grad()
+def evaluate(policy, rows: list[dict], args: Args, pad_token_id, device, autocast) -> dict[str, float]:
+    """eval/ metrics over all rows, each process taking every world_size-th row."""
+    policy.eval()
+    sums, count = {}, torch.zeros((), device=device)
+    rank, world_size = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    mine = rows[rank::world_size]
+    for start in range(0, len(mine), args.per_device_eval_batch_size):
+        chunk = mine[start : start + args.per_device_eval_batch_size]
+        batch = {k: v.to(device) for k, v in collate(chunk, pad_token_id).items()}
+        with autocast:
+            _, metrics = compute_loss(policy, batch, args)
+        sums = {k: sums.get(k, 0) + v for k, v in metrics.items()}
+        count += len(chunk)
+    policy.train()
+    return {f"eval/{k}": v for k, v in mean_over_ranks(sums, count).items()}
+
+
+if __name__ == "__main__":
+    args = tyro.cli(Args)
+    start_time = time.time()
+    datasets.disable_progress_bars()
+    transformers.logging.disable_progress_bar()
+
+    # distributed: torchrun sets RANK, LOCAL_RANK and WORLD_SIZE; one process otherwise
+    rank, world_size = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    use_cuda = args.cuda and torch.cuda.is_available()
+    device = torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
+    if use_cuda:
+        torch.cuda.set_device(device)
+    if world_size > 1:
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+    is_main = rank == 0
+
+    # seeding
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    if args.torch_deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.deterministic = True
+
+    # run name and logging: only rank 0 writes
+    dataset_stem = os.path.splitext(os.path.basename(args.dataset_name))[0].replace("{split}", "").strip("_-.")
+    run_name = f"{dataset_stem}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    output_dir = args.output_dir or os.path.join("runs", run_name)
+    if is_main:
+        if args.track:
+            import wandb
+
+            wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True,
+                       config=asdict(args), name=run_name, save_code=True)
+        os.makedirs(output_dir, exist_ok=True)
+        writer = SummaryWriter(output_dir)
+        table = "\n".join(f"|{key}|{value}|" for key, value in asdict(args).items())
+        writer.add_text("hyperparameters", f"|param|value|\n|-|-|\n{table}")
+        metrics_file = open(os.path.join(output_dir, "metrics.jsonl"), "w")
+
+    # model and tokenizer: the policy trains; SimPO has no reference model
+    tokenizer = AutoTokenizer.from_pretrained(args.model_name_or_path)
+    pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    dtype = getattr(torch, args.dtype)
+    policy = AutoModelForCausalLM.from_pretrained(args.model_name_or_path, dtype=dtype).to(device)
+    policy.train()
+    if args.gradient_checkpointing:
+        policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model = DDP(policy, device_ids=[local_rank] if use_cuda else None) if world_size > 1 else policy
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16)
+
+    # data
+    vocab_size = policy.get_input_embeddings().num_embeddings
+    train_data, test_data = load_splits(
+        args.dataset_name, args.dataset_config, args.dataset_train_split, args.dataset_test_split
+    )
+    train_rows = prepare_dataset(train_data, tokenizer, vocab_size, args, "the train split")
+    eval_rows = prepare_dataset(test_data, tokenizer, vocab_size, args, "the test split") if test_data else []
+    truncated = sum(row["truncated"] for row in train_rows + eval_rows)
+    if truncated and is_main:
+        print(f"warning: {truncated} examples truncated to --max-prompt-length / --max-length")
+
+    # optimiser and schedule
+    micro_batch_size, accumulation = args.per_device_train_batch_size, args.gradient_accumulation_steps
+    global_batch_size = micro_batch_size * world_size * accumulation
+    steps_per_epoch = len(train_rows) // global_batch_size
+    if steps_per_epoch == 0:
+        raise ValueError(f"the train split has {len(train_rows)} pairs, less than a global batch ({global_batch_size})")
+    total_steps = args.max_steps if args.max_steps is not None else args.num_train_epochs * steps_per_epoch
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
+    scheduler = get_scheduler(args.lr_scheduler_type, optimizer, round(args.warmup_ratio * total_steps), total_steps)
+    if is_main:
+        print(f"{run_name}: {len(train_rows)} train and {len(eval_rows)} test pairs; {total_steps} steps of "
+              f"{global_batch_size} pairs ({world_size} processes x {micro_batch_size} x {accumulation}) on {device}")
+
+    # training: each step takes one global batch; micro-batch m of process r is its slice m * world_size + r
+    batches = global_batches(len(train_rows), global_batch_size, args.seed)
+    sums, count = {}, torch.zeros((), device=device)
+    train_metrics, eval_metrics = {}, {}
+    progress = tqdm(range(1, total_steps + 1), disable=not is_main, dynamic_ncols=True)
+    for step in progress:
+        indices = next(batches)
+        for micro_step in range(accumulation):
+            start = (micro_step * world_size + rank) * micro_batch_size
+            rows = [train_rows[i] for i in indices[start : start + micro_batch_size]]
+            batch = {k: v.to(device) for k, v in collate(rows, pad_token_id).items()}
+            syncing = micro_step == accumulation - 1 or world_size == 1  # DDP all-reduces on the last backward
+            with nullcontext() if syncing else model.no_sync():
+                with autocast:
+                    loss, metrics = compute_loss(model, batch, args)
+                (loss / accumulation).backward()
+            sums = {k: sums.get(k, 0) + v for k, v in metrics.items()}
+            count += len(rows)
+        grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), args.max_grad_norm)
+        learning_rate = scheduler.get_last_lr()[0]
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+
+        logs = {}
+        if step % args.logging_steps == 0 or step == total_steps:
+            train_metrics = {f"train/{k}": v for k, v in mean_over_ranks(sums, count).items()}
+            train_metrics.update({"train/learning_rate": learning_rate, "train/grad_norm": grad_norm.item(),
+                                  "train/epoch": step / steps_per_epoch})
+            logs.update(train_metrics)
+            sums, count = {}, torch.zeros((), device=device)
+            shown = {"loss": "train/loss", "margin": "train/rewards/margins", "acc": "train/rewards/accuracies"}
+            progress.set_postfix({name: f"{train_metrics[key]:.3f}" for name, key in shown.items()})
+        if eval_rows and ((args.eval_steps > 0 and step % args.eval_steps == 0) or step == total_steps):
+            eval_metrics = evaluate(policy, eval_rows, args, pad_token_id, device, autocast)
+            logs.update(eval_metrics)
+            if is_main:
+                progress.write(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in eval_metrics.items()))
+        if logs and is_main:
+            for key, value in logs.items():
+                writer.add_scalar(key, value, step)
+            metrics_file.write(json.dumps({"step": step, **logs}) + "\n")
+            metrics_file.flush()
+
+    # save and summarise
+    if is_main:
+        policy.save_pretrained(output_dir)
+        tokenizer.save_pretrained(output_dir)
+        writer.close()
+        metrics_file.close()
+        summary = f"train/loss {train_metrics['train/loss']:.4f}"
+        if eval_metrics:
+            summary += (f", eval/rewards/accuracies {eval_metrics['eval/rewards/accuracies']:.3f}"
+                        f", eval/rewards/margins {eval_metrics['eval/rewards/margins']:.3f}")
+        print(f"{run_name} done in {time.time() - start_time:.0f}s: {summary}; policy saved to {output_dir}")
+    if world_size > 1:
+        dist.destroy_process_group()
