@@ -1,56 +1,71 @@
-"""Direct Preference Optimization (DPO), in one file.
+"""Contrastive Preference Learning (CPL), in one file.
 
-Paper: Rafailov, Sharma, Mitchell, Ermon, Manning, Finn, "Direct Preference Optimization: Your Language
-Model is Secretly a Reward Model", NeurIPS 2023, arXiv:2305.18290. Label smoothing is conservative DPO
-(cDPO): Mitchell, "A note on DPO with noisy preferences & relationship to IPO", 2023.
+Paper: Hejna, Rafailov, Sikchi, Finn, Niekum, Knox, Sadigh, "Contrastive Preference Learning: Learning from
+Human Feedback without RL", ICLR 2024, arXiv:2310.13639. Code: jhejna/cpl (robot control).
 
-Idea. RLHF maximises a reward minus β·KL(π || π_ref). That problem's optimum is
-π*(y|x) ∝ π_ref(y|x)·exp(r(x,y)/β), so every policy implies a reward, r(x,y) = β·log π(y|x)/π_ref(y|x)
-+ β·log Z(x). Put this reward into the Bradley-Terry likelihood of the preference pairs, where Z(x)
-cancels between the two completions of a prompt, and fitting the reward model becomes a logistic
-regression on the policy itself: no reward model, no sampling, no RL, one forward pass per pair.
+Idea. Model human preferences by regret, not by reward: a segment is preferred in proportion to the
+exponentiated discounted sum of its optimal advantages. Under maximum-entropy RL with temperature α, the
+optimal advantage is A*(s, a) = α·log π*(a|s), a bijection between advantages and the optimal policy, so
+the preference likelihood can be written with the policy itself and fitted by supervised, contrastive
+learning: no reward model, no RL, no reference model, one forward pass per pair.
 
-Loss. logp(y) = Σ_t log π(y_t | x, y_<t) summed over the completion tokens (prompt and padding masked),
-ref(y) the same under the frozen reference, and for a pair (x, yw ≻ yl):
-    h    = (logp(yw) - ref(yw)) - (logp(yl) - ref(yl))
-    loss = -(1 - ε)·log σ(β·h) - ε·log σ(-β·h)          averaged over the pairs of the batch
-ε = 0 is the paper's DPO (eq. 7). ε > 0 is cDPO, the loss if each label is flipped with probability ε;
-it equals the DPO loss plus ε·β·h, so its gradient vanishes at σ(β·h) = 1 - ε instead of at h = ∞.
+Loss, in its language-model form: a state s_t is the prompt x with the completion's first t tokens, an
+action a_t is the completion's next token, and a segment σ is a whole completion (EOS included). With
+A(σ) = α·Σ_t γ^t log π(a_t | s_t) summed over the completion tokens (prompt and padding masked), t counting
+from 0 at the first completion token, and for a pair (x, yw ≻ yl):
+    loss = -log [ e^{A(yw)} / (e^{A(yw)} + e^{λ·A(yl)}) ] = -log σ(A(yw) - λ·A(yl))
+           - bc_coef·(1/|yw|)·Σ_t log π(yw_t | x, yw_<t)          averaged over the pairs of the batch
+α scales both scores, γ discounts later tokens within a segment, and λ (the conservative bias, in (0, 1])
+scales only the dispreferred segment's score. Scores are ≤ 0, so the loss is -log σ(A(yw) + λ·|A(yl)|):
+raising the preferred completion's likelihood pays at full rate, pushing the dispreferred one down only at
+rate λ. Among the many optima of the plain objective (λ = 1, where only the difference counts) this favours
+those that keep likelihood on the data, in distribution (the paper's conservative CPL(λ), the first line).
+With λ = 1, γ = 1 and no BC term the loss is a logistic loss on α·(logp(yw) - logp(yl)): DPO's loss with
+β = α and no reference model. The BC term is the paper's CPL-BC regulariser, here a per-token mean.
 
 Run (from anywhere; the defaults point at the bundled task in benchmarks/arith/):
-    python algos/dpo.py                                  # 1 process, CPU or one GPU
-    torchrun --nproc_per_node 2 algos/dpo.py --per-device-train-batch-size 4   # same global batch
+    python algos/cpl.py                                  # 1 process, CPU or one GPU
+    torchrun --nproc_per_node 2 algos/cpl.py --per-device-train-batch-size 4   # same global batch
     python benchmarks/arith/evaluate.py runs/<run_name>  # held-out accuracy of the saved policy
-    python algos/dpo.py --model-name-or-path Qwen/Qwen2.5-0.5B-Instruct \\
-        --dataset-name trl-lib/ultrafeedback_binarized --beta 0.1 --learning-rate 5e-7 \\
+    python algos/cpl.py --model-name-or-path Qwen/Qwen2.5-0.5B-Instruct \\
+        --dataset-name trl-lib/ultrafeedback_binarized --alpha 0.1 --learning-rate 5e-7 \\
         --per-device-train-batch-size 4 --gradient-accumulation-steps 8 --num-train-epochs 1 \\
         --max-length 1024 --bf16 --gradient-checkpointing --eval-steps 500 --logging-steps 10
 
-Deviations from the paper (and its code, eric-mitchell/direct-preference-optimization):
-1. Optimiser: AdamW with linear warm-up then linear decay (TRL's default) instead of RMSprop at a
-   constant rate after 150 warm-up steps.
-2. The reference is the model we start from (`--model-name-or-path`). The paper first fine-tunes on the
-   chosen completions (SFT) and uses that model; the bundled model is already trained on the task.
-3. Tokens: prompt and completion are tokenized separately (as at generation time), the prompt gets the
-   tokenizer's BOS unless its text already starts with it (chat templates often write it), each
-   completion gets EOS unless it already ends with it. The prompt is truncated to `--max-prompt-length`
+Deviations from the paper (and its code, jhejna/cpl, written for robot control):
+1. Optimiser: AdamW with linear warm-up then linear decay (TRL's default) instead of Adam at a constant
+   rate after a linear warm-up (learning rate 1e-4 over 10k warm-up steps in the official configs).
+2. Segments are whole completions of any length, all sharing their prompt; the paper compares fixed-length
+   segments (64 steps) of robot trajectories. Sums over longer completions are more negative, so with no
+   reference model the scores carry a length bias that equal-length segments do not have.
+3. Where t starts: here at 0 on the first completion token; the paper writes segments as s_1, a_1, ...,
+   which with γ^t from t = 1 multiplies both scores by γ, i.e. is α·γ in place of α. The official code sums
+   without any discount (γ = 1, the default here).
+4. The BC term is the per-token mean of -log π over the chosen completion, averaged over the pairs. The
+   official code takes a flat mean over all tokens of all segments of the batch (`bc_data: all`, the
+   rejected ones too; `pos`: only the preferred), which is the same as ours for equal-length preferred
+   segments only; a mean per completion keeps every pair's weight independent of how the batch is split.
+   The official configs also first train BC alone for 200k steps, then CPL with a fresh optimiser; here the
+   start model (`--model-name-or-path`, already trained on the task) plays that role.
+5. Only pairs: the official code can also train on a batch of scored segments (every pair ordered by score).
+6. Tokens as in dpo.py: prompt and completion are tokenized separately, the prompt gets the tokenizer's
+   BOS once, each completion gets EOS once; the prompt is truncated to `--max-prompt-length`
    (`--truncation-mode`), then each completion is cut to fit `--max-length`; an example whose prompt
    leaves no room for a completion token is an error, never silently dropped.
-4. Each epoch is a fresh seeded permutation cut into global batches; the last incomplete global batch
+7. Each epoch is a fresh seeded permutation cut into global batches; the last incomplete global batch
    is dropped so that every step sees the same number of pairs on any number of processes.
-5. `rewards/accuracies` counts a pair as correct only if the chosen reward is strictly larger, so it
-   starts at 0 (policy = reference, all rewards 0), as in TRL.
 
 Defaults: chosen for the bundled task by the sweep described at the end of this docstring.
 
 Logged metrics (TRL's names; `train/` every `--logging-steps` steps, averaged over the pairs seen since
 the last log and over all processes; `eval/` over the whole held-out split):
-    loss                 the DPO loss above (ln 2 ≈ 0.693 at the start, where policy = reference)
-    rewards/chosen       mean β·(logp(yw) - ref(yw)), the implicit reward of the chosen completions
-    rewards/rejected     mean β·(logp(yl) - ref(yl))
-    rewards/margins      mean of chosen minus rejected reward, i.e. mean β·h
-    rewards/accuracies   fraction of pairs with chosen reward > rejected reward
-    logps/chosen         mean logp(yw) under the policy (summed over tokens); logps/rejected alike
+    loss                 the CPL loss above, BC term included
+    rewards/chosen       mean A(yw) = α·Σ_t γ^t log π(yw_t | ...), the score (advantage sum) of the chosen
+    rewards/rejected     mean A(yl), without λ
+    rewards/margins      mean A(yw) - A(yl)
+    rewards/accuracies   fraction of pairs with A(yw) > A(yl) (unbiased, as the official code's accuracy)
+    logps/chosen         mean Σ_t γ^t log π(yw_t | ...) (logp(yw) when γ = 1); logps/rejected alike
+    nll_loss             mean over pairs of -(1/|yw|)·Σ_t log π(yw_t | ...), the BC term before bc_coef
     learning_rate, grad_norm (before clipping), epoch
 Everything goes to TensorBoard under runs/<run_name>/ (and W&B with --track), to runs/<run_name>/
 metrics.jsonl (one JSON object per logged step), to the progress bar, and into a final summary line.
@@ -105,7 +120,7 @@ class Args:
     """where logs, metrics.jsonl and the trained model go; default runs/<run_name>"""
 
     model_name_or_path: str = os.path.join(REPO, "benchmarks/arith/model")
-    """the policy to train and the frozen reference: a hub id or a local directory"""
+    """the policy to train: a hub id or a local directory"""
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     """dtype of the weights (and AdamW state); keep float32 and use --bf16 for mixed precision"""
     bf16: bool = False
@@ -149,40 +164,52 @@ class Args:
     """passes over the training split (ignored when --max-steps is set)"""
     max_steps: int | None = None
     """if set, train for exactly this many optimiser steps"""
-    precompute_ref_logps: bool = False
-    """if toggled, compute the reference log-probs once before training and free the reference model"""
     logging_steps: int = 10
     """log training metrics every this many optimiser steps"""
     eval_steps: int = 100
     """evaluate every this many optimiser steps (0: only at the end)"""
 
-    beta: float = 0.3
-    """β, the strength of the KL penalty: the inverse temperature of the implicit reward"""
-    label_smoothing: float = 0.0
-    """ε of conservative DPO: the assumed probability that a preference label is flipped (0: DPO)"""
+    alpha: float = 0.1
+    """α, the temperature of the maximum-entropy objective: a segment's score is α·Σ_t γ^t log π(a_t|s_t)"""
+    conservative_bias: float = 0.5
+    """λ in (0, 1], scales the rejected segment's score only (the official code's contrastive_bias; 1: plain CPL)"""
+    discount: float = 1.0
+    """γ in (0, 1], the discount over completion tokens, γ^t for the t-th token counting from 0 (1: plain sums)"""
+    bc_coef: float = 0.0
+    """weight of the behaviour-cloning term, -mean log π over the chosen completion's tokens (0: none; CPL-BC)"""
+
+    def __post_init__(self):
+        for name, low, high in (("alpha", 0, None), ("conservative_bias", 0, 1), ("discount", 0, 1)):
+            value = getattr(self, name)
+            if not (value > low and (high is None or value <= high)):
+                allowed = f"> {low}" if high is None else f"in ({low}, {high}]"
+                raise ValueError(f"--{name.replace('_', '-')} is {value}: it must be {allowed}")
+        if self.bc_coef < 0:
+            raise ValueError(f"--bc-coef is {self.bc_coef}: it must be >= 0 (0 turns the BC term off)")
 
 
-def dpo_loss(
+def cpl_loss(
     policy_chosen_logps: torch.Tensor,
     policy_rejected_logps: torch.Tensor,
-    reference_chosen_logps: torch.Tensor,
-    reference_rejected_logps: torch.Tensor,
-    beta: float,
-    label_smoothing: float = 0.0,
+    policy_chosen_mean_logps: torch.Tensor,
+    alpha: float,
+    conservative_bias: float = 1.0,
+    bc_coef: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The DPO loss of each pair, and the implicit rewards.
+    """The CPL loss of each pair, and the segment scores.
 
-    Inputs are (B,) sums of completion-token log-probs. With
-        h = (policy_chosen - reference_chosen) - (policy_rejected - reference_rejected)
-        loss = -(1 - ε)·log σ(β·h) - ε·log σ(-β·h)           (ε = label_smoothing; 0 is plain DPO)
-    returns (losses, chosen_rewards, rejected_rewards), each (B,): the per-pair losses (differentiable)
-    and the rewards β·(policy - reference) of each completion (detached).
+    Inputs are (B,): the discounted sums Σ_t γ^t log π(a_t|s_t) over the tokens of the chosen and of the
+    rejected completion (γ is applied by `batch_logps`), and the chosen completion's mean log-prob per token.
+    With the scores A+ = α·policy_chosen and A- = α·policy_rejected, and λ = conservative_bias,
+        loss = -log [e^{A+} / (e^{A+} + e^{λ·A-})] - bc_coef·policy_chosen_mean
+             = -log σ(A+ - λ·A-) - bc_coef·policy_chosen_mean
+    returns (losses, chosen_scores, rejected_scores), each (B,): the per-pair losses (differentiable) and
+    the scores A+ and A- (detached, unbiased: λ enters the loss only).
     """
-    h = (policy_chosen_logps - reference_chosen_logps) - (policy_rejected_logps - reference_rejected_logps)
-    losses = -(1 - label_smoothing) * F.logsigmoid(beta * h) - label_smoothing * F.logsigmoid(-beta * h)
-    chosen_rewards = beta * (policy_chosen_logps - reference_chosen_logps).detach()
-    rejected_rewards = beta * (policy_rejected_logps - reference_rejected_logps).detach()
-    return losses, chosen_rewards, rejected_rewards
+    chosen_scores = alpha * policy_chosen_logps
+    rejected_scores = alpha * policy_rejected_logps
+    losses = -F.logsigmoid(chosen_scores - conservative_bias * rejected_scores) - bc_coef * policy_chosen_mean_logps
+    return losses, chosen_scores.detach(), rejected_scores.detach()
 
 
 def load_splits(name: str, config: str | None, train_split: str, test_split: str | None):
@@ -279,7 +306,7 @@ def prepare_dataset(dataset: Dataset, tokenizer, vocab_size: int, args: Args, na
     columns = ["prompt", "chosen", "rejected"]
     missing = [column for column in columns if column not in dataset.column_names]
     if missing:
-        raise ValueError(f"{name} lacks the column(s) {missing}: it has {dataset.column_names}, and DPO needs "
+        raise ValueError(f"{name} lacks the column(s) {missing}: it has {dataset.column_names}, and CPL needs "
                          f"{columns} (TRL's preference format with an explicit prompt, as strings or lists of "
                          "messages): rename the columns, or move the shared prompt out of chosen/rejected")
     if len(dataset) == 0:
@@ -300,8 +327,7 @@ def prepare_dataset(dataset: Dataset, tokenizer, vocab_size: int, args: Args, na
 
 def collate(rows: list[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
     """B rows -> 2B right-padded sequences, the chosen ones first: input_ids, attention_mask, labels (2B, T),
-    labels being the input ids on completion tokens and -100 on prompt and padding; plus the (B,)
-    reference log-probs when the rows carry them."""
+    labels being the input ids on completion tokens and -100 on prompt and padding."""
     sequences, labels = [], []
     for key in ("chosen_ids", "rejected_ids"):
         for row in rows:
@@ -313,36 +339,36 @@ def collate(rows: list[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
         "attention_mask": torch.tensor([[1] * len(s) + [0] * (length - len(s)) for s in sequences]),
         "labels": torch.tensor([s + [-100] * (length - len(s)) for s in labels]),
     }
-    for key in ("reference_chosen_logps", "reference_rejected_logps"):
-        if key in rows[0]:
-            batch[key] = torch.tensor([row[key] for row in rows])
     return batch
 
 
-def batch_logps(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """(N,) float32 sums of log π(y_t | x, y_<t) over the completion tokens. The logits at position t
-    predict token t + 1, hence the shift; labels are -100 on prompt and padding, which count 0."""
-    return logprobs(logits[:, :-1], labels[:, 1:]).sum(-1)
+def batch_logps(logits: torch.Tensor, labels: torch.Tensor, discount: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N,) float32 sums of γ^t·log π(y_t | x, y_<t) over the completion tokens, t counting from 0 at the first
+    one (γ = discount; 1 gives the plain sums), and (N,) the mean log π(y_t | x, y_<t) per completion token.
+    The logits at position t predict token t + 1, hence the shift; labels are -100 on prompt and padding,
+    which count 0."""
+    token_logps = logprobs(logits[:, :-1], labels[:, 1:])
+    completion = labels[:, 1:] != -100
+    t = (completion.cumsum(-1) - 1).clamp(min=0)
+    return (token_logps * discount**t).sum(-1), token_logps.sum(-1) / completion.sum(-1)
 
 
-def concatenated_forward(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """Chosen and rejected in one forward pass: the (B,) completion log-probs of each."""
+def concatenated_forward(model, batch: dict, discount: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Chosen and rejected in one forward pass: the (B,) discounted completion log-probs of each, and the (B,)
+    mean log-prob per token of the chosen completions."""
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
-    return batch_logps(logits, batch["labels"]).chunk(2)
+    discounted_logps, mean_logps = batch_logps(logits, batch["labels"], discount)
+    return *discounted_logps.chunk(2), mean_logps.chunk(2)[0]
 
 
-def compute_loss(model, ref_model, batch: dict, args: Args) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def compute_loss(model, batch: dict, args: Args) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The mean loss of a batch, and the sums over its pairs of the logged metrics."""
-    policy_chosen_logps, policy_rejected_logps = concatenated_forward(model, batch)
-    if ref_model is None:  # precomputed
-        reference_chosen_logps = batch["reference_chosen_logps"]
-        reference_rejected_logps = batch["reference_rejected_logps"]
-    else:
-        with torch.no_grad():
-            reference_chosen_logps, reference_rejected_logps = concatenated_forward(ref_model, batch)
-    losses, chosen_rewards, rejected_rewards = dpo_loss(
-        policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps,
-        args.beta, args.label_smoothing,
+    policy_chosen_logps, policy_rejected_logps, policy_chosen_mean_logps = concatenated_forward(
+        model, batch, args.discount
+    )
+    losses, chosen_rewards, rejected_rewards = cpl_loss(
+        policy_chosen_logps, policy_rejected_logps, policy_chosen_mean_logps,
+        args.alpha, args.conservative_bias, args.bc_coef,
     )
     metrics = {
         "loss": losses.detach().sum(),
@@ -352,6 +378,7 @@ def compute_loss(model, ref_model, batch: dict, args: Args) -> tuple[torch.Tenso
         "rewards/accuracies": (chosen_rewards > rejected_rewards).float().sum(),
         "logps/chosen": policy_chosen_logps.detach().sum(),
         "logps/rejected": policy_rejected_logps.detach().sum(),
+        "nll_loss": -policy_chosen_mean_logps.detach().sum(),
     }
     return losses.mean(), metrics
 
@@ -374,7 +401,7 @@ def mean_over_ranks(sums: dict[str, torch.Tensor], count: torch.Tensor) -> dict[
 
 
 @torch.no_grad()
-def evaluate(policy, ref_model, rows: list[dict], args: Args, pad_token_id, device, autocast) -> dict[str, float]:
+def evaluate(policy, rows: list[dict], args: Args, pad_token_id, device, autocast) -> dict[str, float]:
     """eval/ metrics over all rows, each process taking every world_size-th row."""
     policy.eval()
     sums, count = {}, torch.zeros((), device=device)
@@ -384,31 +411,11 @@ def evaluate(policy, ref_model, rows: list[dict], args: Args, pad_token_id, devi
         chunk = mine[start : start + args.per_device_eval_batch_size]
         batch = {k: v.to(device) for k, v in collate(chunk, pad_token_id).items()}
         with autocast:
-            _, metrics = compute_loss(policy, ref_model, batch, args)
+            _, metrics = compute_loss(policy, batch, args)
         sums = {k: sums.get(k, 0) + v for k, v in metrics.items()}
         count += len(chunk)
     policy.train()
     return {f"eval/{k}": v for k, v in mean_over_ranks(sums, count).items()}
-
-
-@torch.no_grad()
-def precompute_ref_logps(ref_model, rows: list[dict], args: Args, pad_token_id, device, autocast) -> None:
-    """Store each row's reference log-probs in it, computed once (each process a share, then exchanged)."""
-    rank, world_size = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-    mine, indices = {}, list(range(rank, len(rows), world_size))
-    for start in range(0, len(indices), args.per_device_eval_batch_size):
-        chunk = indices[start : start + args.per_device_eval_batch_size]
-        batch = {k: v.to(device) for k, v in collate([rows[i] for i in chunk], pad_token_id).items()}
-        with autocast:
-            chosen, rejected = concatenated_forward(ref_model, batch)
-        mine.update(zip(chunk, zip(chosen.tolist(), rejected.tolist())))
-    shares = [mine]
-    if dist.is_initialized():
-        shares = [None] * world_size
-        dist.all_gather_object(shares, mine)
-    for share in shares:
-        for i, (chosen, rejected) in share.items():
-            rows[i]["reference_chosen_logps"], rows[i]["reference_rejected_logps"] = chosen, rejected
 
 
 if __name__ == "__main__":
@@ -453,7 +460,7 @@ if __name__ == "__main__":
         writer.add_text("hyperparameters", f"|param|value|\n|-|-|\n{table}")
         metrics_file = open(os.path.join(output_dir, "metrics.jsonl"), "w")
 
-    # model and tokenizer: the policy trains; the reference is a frozen copy in eval mode
+    # model and tokenizer: the policy trains; CPL needs no reference model
     tokenizer = AutoTokenizer.from_pretrained(args.model_name_or_path)
     pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     dtype = getattr(torch, args.dtype)
@@ -461,8 +468,6 @@ if __name__ == "__main__":
     policy.train()
     if args.gradient_checkpointing:
         policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    ref_model = AutoModelForCausalLM.from_pretrained(args.model_name_or_path, dtype=dtype).to(device)
-    ref_model.eval().requires_grad_(False)
     model = DDP(policy, device_ids=[local_rank] if use_cuda else None) if world_size > 1 else policy
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16)
 
@@ -476,10 +481,6 @@ if __name__ == "__main__":
     truncated = sum(row["truncated"] for row in train_rows + eval_rows)
     if truncated and is_main:
         print(f"warning: {truncated} examples truncated to --max-prompt-length / --max-length")
-    if args.precompute_ref_logps:
-        precompute_ref_logps(ref_model, train_rows, args, pad_token_id, device, autocast)
-        precompute_ref_logps(ref_model, eval_rows, args, pad_token_id, device, autocast)
-        ref_model = None
 
     # optimiser and schedule
     micro_batch_size, accumulation = args.per_device_train_batch_size, args.gradient_accumulation_steps
@@ -508,7 +509,7 @@ if __name__ == "__main__":
             syncing = micro_step == accumulation - 1 or world_size == 1  # DDP all-reduces on the last backward
             with nullcontext() if syncing else model.no_sync():
                 with autocast:
-                    loss, metrics = compute_loss(model, ref_model, batch, args)
+                    loss, metrics = compute_loss(model, batch, args)
                 (loss / accumulation).backward()
             sums = {k: sums.get(k, 0) + v for k, v in metrics.items()}
             count += len(rows)
@@ -528,7 +529,7 @@ if __name__ == "__main__":
             shown = {"loss": "train/loss", "margin": "train/rewards/margins", "acc": "train/rewards/accuracies"}
             progress.set_postfix({name: f"{train_metrics[key]:.3f}" for name, key in shown.items()})
         if eval_rows and ((args.eval_steps > 0 and step % args.eval_steps == 0) or step == total_steps):
-            eval_metrics = evaluate(policy, ref_model, eval_rows, args, pad_token_id, device, autocast)
+            eval_metrics = evaluate(policy, eval_rows, args, pad_token_id, device, autocast)
             logs.update(eval_metrics)
             if is_main:
                 progress.write(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in eval_metrics.items()))
