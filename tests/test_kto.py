@@ -1,0 +1,284 @@
+"""algos/kto.py's data preparation, mismatched pairs, batching, log-probs, z0 and bad-input errors, on a tiny
+character tokenizer and a random Llama built here (no bundled assets needed). The loss itself is pinned by
+tests/golden/kto.kto_loss.json, the whole script (and torchrun) by tests/test_runs.py."""
+
+import math
+
+import pytest
+import torch
+from datasets import Dataset
+from tokenizers import Tokenizer, models, processors
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from algos.kto import (
+    Args,
+    check_args,
+    class_weight_warning,
+    collate,
+    compute_loss,
+    eval_groups,
+    evaluate,
+    kto_loss,
+    mean_over_ranks,
+    mismatched_partners,
+    policy_forward,
+    prepare_dataset,
+    tokenize_row,
+)
+
+CHARS = list("0123456789+-*()=: \nQAnswer")
+# the bundled model's convention: the template writes neither BOS nor EOS
+PLAIN_TEMPLATE = ("{% for m in messages %}{% if m['role'] == 'user' %}{{ 'Q: ' + m['content'] + '\\n' }}"
+                  "{% else %}{{ m['content'] }}{% endif %}{% endfor %}")
+
+
+def make_tokenizer(chat_template=PLAIN_TEMPLATE):
+    vocab = {token: i for i, token in enumerate(["<pad>", "<s>", "</s>", "<unk>", *dict.fromkeys(CHARS)])}
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    backend.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>",
+                                        pad_token="<pad>", unk_token="<unk>")
+    tokenizer.chat_template = chat_template
+    return tokenizer
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return make_tokenizer()
+
+
+def ids(tokenizer, text):
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def row(tokenizer, example, **overrides):
+    args = Args(**overrides)
+    return tokenize_row(example, tokenizer, args.max_length, args.max_prompt_length, args.truncation_mode)
+
+
+def dataset(*examples):
+    return Dataset.from_list(list(examples))
+
+
+GOOD = {"prompt": "Q: (1+2)*3\n", "completion": "1 + 2 = 3\n3 * 3 = 9\nAnswer: 9", "label": True}
+BAD = {"prompt": "Q: 7-2\n", "completion": "7 - 2 = 4\nAnswer: 4", "label": False}
+OTHER = {"prompt": "Q: 2*2\n", "completion": "Answer: 4", "label": True}
+CONVERSATION = {"prompt": [{"role": "user", "content": "(1+2)*3"}],
+                "completion": [{"role": "assistant", "content": GOOD["completion"]}], "label": True}
+
+
+def test_standard_format_bos_once_eos_once_and_the_label(tokenizer):
+    r = row(tokenizer, GOOD)
+    assert r["prompt_ids"] == [tokenizer.bos_token_id] + ids(tokenizer, GOOD["prompt"])
+    assert r["completion_ids"] == ids(tokenizer, GOOD["completion"]) + [tokenizer.eos_token_id]
+    assert r["label"] is True and row(tokenizer, BAD)["label"] is False
+    assert not r["truncated"]
+
+
+def test_conversational_format_gives_the_same_tokens(tokenizer):
+    assert row(tokenizer, CONVERSATION) == row(tokenizer, GOOD)
+
+
+@pytest.mark.parametrize("mode", ["keep_end", "keep_start"])
+def test_truncation_cuts_the_prompt_by_mode_then_the_completion(tokenizer, mode):
+    full = row(tokenizer, GOOD)
+    r = row(tokenizer, GOOD, max_prompt_length=5, max_length=12, truncation_mode=mode)
+    assert r["prompt_ids"] == (full["prompt_ids"][-5:] if mode == "keep_end" else full["prompt_ids"][:5])
+    assert r["completion_ids"] == full["completion_ids"][:7] and r["truncated"]
+
+
+def test_a_paired_dataset_is_unpaired_into_chosen_desirable_and_rejected_undesirable(tokenizer):
+    pairs = dataset({"prompt": GOOD["prompt"], "chosen": GOOD["completion"], "rejected": BAD["completion"]},
+                    {"prompt": BAD["prompt"], "chosen": OTHER["completion"], "rejected": GOOD["completion"]})
+    rows = prepare_dataset(pairs, tokenizer, 100, Args())
+    expected = [{**GOOD}, {**GOOD, "completion": BAD["completion"], "label": False},
+                {**BAD, "completion": OTHER["completion"], "label": True}, {**BAD, "completion": GOOD["completion"]}]
+    assert rows == [row(tokenizer, example) for example in expected]
+
+
+def test_errors_in_a_paired_dataset_name_the_pair(tokenizer):
+    long_prompt = "Q: " + "1+" * 20 + "1\n"
+    pairs = dataset({"prompt": "Q: 1\n", "chosen": "a", "rejected": "b"}, {"prompt": long_prompt, "chosen": "a", "rejected": "b"})
+    with pytest.raises(ValueError, match=r"example 1: the prompt takes 16 tokens.*no room"):
+        prepare_dataset(pairs, tokenizer, 100, Args(max_length=16, max_prompt_length=16))
+
+
+@pytest.mark.parametrize("label", [1, 0.0, "true", None])
+def test_a_label_that_is_not_a_bool_is_an_error(tokenizer, label):
+    examples = [GOOD, {**BAD, "label": label}]
+    with pytest.raises(ValueError, match=r"example 1: the label is .* not true \(desirable\) or false.*cast_column"):
+        prepare_dataset(examples_as_dataset(examples), tokenizer, 100, Args())
+
+
+def examples_as_dataset(examples):
+    """A dataset whose label column keeps mixed Python types (Arrow would unify them)."""
+    class Rows(list):
+        column_names = ["prompt", "completion", "label"]
+
+    return Rows(examples)
+
+
+def test_missing_columns_are_named(tokenizer):
+    with pytest.raises(ValueError, match=r"lacks the column\(s\) \['label'\].*KTO needs.*prompt/chosen/rejected"):
+        prepare_dataset(dataset({"prompt": "a", "completion": "b"}), tokenizer, 100, Args())
+
+
+def test_empty_and_single_example_datasets_are_errors(tokenizer):
+    empty = Dataset.from_dict({"prompt": [], "completion": [], "label": []})
+    with pytest.raises(ValueError, match="the train split is empty"):
+        prepare_dataset(empty, tokenizer, 100, Args(), "the train split")
+    with pytest.raises(ValueError, match="the test split has a single example.*at least 2"):
+        prepare_dataset(dataset(GOOD), tokenizer, 100, Args(), "the test split")
+
+
+def test_token_ids_outside_the_vocabulary_are_an_error(tokenizer):
+    with pytest.raises(ValueError, match=r"example 0: token id \d+ is outside the model's vocabulary of 10"):
+        prepare_dataset(dataset(GOOD, BAD), tokenizer, 10, Args())
+
+
+@pytest.mark.parametrize("size", range(2, 9))
+def test_mismatched_partners_rotate_so_that_no_example_meets_itself(size):
+    group = [10 * i for i in range(size)]
+    partners = mismatched_partners(group)
+    assert partners == [group[(i + 1) % size] for i in range(size)]
+    assert all(p != g for p, g in zip(partners, group)) and sorted(partners) == group
+
+
+def test_collate_puts_the_examples_first_then_each_prompt_with_the_next_completion(tokenizer):
+    rows = [row(tokenizer, example) for example in (GOOD, BAD, OTHER)]
+    batch = collate(rows, [rows[i] for i in mismatched_partners([0, 1, 2])], tokenizer.pad_token_id, 1024)
+    assert batch["input_ids"].shape == batch["labels"].shape == batch["attention_mask"].shape
+    assert batch["input_ids"].shape[0] == 6 and batch["desirable"].tolist() == [True, False, True]
+    pieces = [(r["prompt_ids"], r["completion_ids"]) for r in rows]
+    pieces += [(rows[i]["prompt_ids"], rows[(i + 1) % 3]["completion_ids"]) for i in range(3)]
+    for i, (prompt, completion) in enumerate(pieces):
+        n = len(prompt) + len(completion)
+        assert batch["input_ids"][i, :n].tolist() == prompt + completion
+        assert batch["labels"][i].tolist() == [-100] * len(prompt) + completion + [-100] * (batch["labels"].shape[1] - n)
+        assert batch["attention_mask"][i].sum() == n
+
+
+def test_a_mismatched_completion_is_cut_to_fit_after_its_new_prompt(tokenizer):
+    short, long = row(tokenizer, OTHER), row(tokenizer, {**GOOD, "prompt": "Q: " + "1+" * 10 + "1\n"})
+    max_length = len(long["prompt_ids"]) + 5
+    batch = collate([long, short], [short, long], tokenizer.pad_token_id, max_length)
+    assert batch["attention_mask"][2].sum() == max_length  # long prompt + the first 5 tokens of the short completion
+    assert batch["labels"][2, len(long["prompt_ids"]) : max_length].tolist() == short["completion_ids"][:5]
+
+
+def test_eval_groups_cover_every_row_once_and_never_leave_a_group_too_small():
+    assert eval_groups(10, 4, 1) == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
+    assert eval_groups(9, 4, 1) == [[0, 1, 2, 3], [4, 5, 6, 7, 8]]  # a last group of 1 cannot pair
+    assert eval_groups(10, 8, 4) == [list(range(10))]  # 2 rows cannot be shared by 4 processes
+    assert eval_groups(3, 8, 1) == [[0, 1, 2]]
+    for num_rows in range(2, 40):
+        groups = eval_groups(num_rows, 6, 3)
+        assert sum(groups, []) == list(range(num_rows)) and (len(groups) == 1 or min(map(len, groups)) >= 3)
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tokenizer):
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id)
+    return LlamaForCausalLM(config).eval()
+
+
+def naive_logp(model, prompt_ids, completion_ids):
+    sequence = torch.tensor([prompt_ids + completion_ids])
+    logp = model(sequence).logits.double().log_softmax(-1)[0, :-1].gather(-1, sequence[0, 1:, None])
+    return logp[len(prompt_ids) - 1 :].sum().item()
+
+
+def test_log_probs_of_the_examples_and_of_the_mismatched_pairs(tokenizer, tiny_model):
+    rows = prepare_dataset(dataset(GOOD, BAD, OTHER), tokenizer, len(tokenizer), Args())
+    batch = collate(rows, [rows[i] for i in mismatched_partners([0, 1, 2])], tokenizer.pad_token_id, 1024)
+    logps, kl_logps = policy_forward(tiny_model, batch)
+    assert not kl_logps.requires_grad
+    for i, r in enumerate(rows):
+        assert logps[i].item() == pytest.approx(naive_logp(tiny_model, r["prompt_ids"], r["completion_ids"]), rel=1e-5)
+        mismatched = naive_logp(tiny_model, r["prompt_ids"], rows[(i + 1) % 3]["completion_ids"])
+        assert kl_logps[i].item() == pytest.approx(mismatched, rel=1e-5)
+
+
+def test_at_the_start_z0_and_every_reward_are_0_and_the_loss_is_half_the_weight(tokenizer, tiny_model):
+    rows = prepare_dataset(dataset(GOOD, BAD, OTHER, BAD), tokenizer, len(tokenizer), Args())
+    batch = collate(rows, [rows[i] for i in mismatched_partners([0, 1, 2, 3])], tokenizer.pad_token_id, 1024)
+    args = Args(desirable_weight=1.5, undesirable_weight=0.5)
+    loss, metrics = compute_loss(tiny_model, tiny_model, batch, args)
+    assert loss.item() == pytest.approx((1.5 + 0.5 + 1.5 + 0.5) / 2 / 4, rel=1e-6)
+    means = mean_over_ranks(metrics, torch.tensor(4.0))
+    assert means["kl"] == 0 and means["rewards/margins"] == 0 and means["rewards/accuracies"] == 0
+    assert means["rewards/chosen"] == 0 and means["rewards/rejected"] == 0
+    assert means["logps/chosen"] == pytest.approx((metrics["logps/chosen"] / 2).item())
+
+
+def test_a_one_class_micro_batch_gives_a_finite_loss_and_leaves_the_other_class_out(tokenizer, tiny_model):
+    rows = prepare_dataset(dataset(GOOD, OTHER), tokenizer, len(tokenizer), Args())
+    batch = collate(rows, [rows[1], rows[0]], tokenizer.pad_token_id, 1024)
+    policy = LlamaForCausalLM(tiny_model.config)  # another random model, so that r and z0 are not 0
+    loss, metrics = compute_loss(policy, tiny_model, batch, Args())
+    loss.backward()
+    assert torch.isfinite(loss) and all(torch.isfinite(p.grad).all() for p in policy.parameters() if p.grad is not None)
+    means = mean_over_ranks(metrics, torch.tensor(2.0))
+    assert "rewards/chosen" in means and "rewards/rejected" not in means and "logps/rejected" not in means
+    assert all(math.isfinite(v) for v in means.values()) and not any(k.startswith("count/") for k in means)
+
+
+def test_z0_carries_no_gradient_and_is_clamped_at_0():
+    policy_kl = torch.tensor([-3.0, -1.0, 4.0], dtype=torch.float64, requires_grad=True)
+    policy = torch.tensor([-2.0, -5.0], dtype=torch.float64, requires_grad=True)
+    losses, rewards, z0 = kto_loss(policy, torch.zeros(2, dtype=torch.float64), torch.tensor([True, False]),
+                                   policy_kl, torch.zeros(3, dtype=torch.float64), beta=0.5)
+    assert z0.item() == 0 and not z0.requires_grad and not rewards.requires_grad
+    kl_grad, policy_grad = torch.autograd.grad(losses.sum(), [policy_kl, policy], allow_unused=True)
+    assert (kl_grad is None or not kl_grad.any()) and policy_grad.abs().min() > 0
+    _, _, z0 = kto_loss(policy, torch.zeros(2, dtype=torch.float64), torch.tensor([True, False]),
+                        policy_kl + 3, torch.zeros(3, dtype=torch.float64), beta=0.5)
+    assert z0.item() == pytest.approx(3.0) and not z0.requires_grad
+
+
+def test_a_batch_of_one_cannot_estimate_z0():
+    one = torch.tensor([-1.0])
+    with pytest.raises(ValueError, match="micro-batch of one example"):
+        kto_loss(one, one, torch.tensor([True]), one, one, beta=0.1)
+    for args, world_size in [(Args(per_device_train_batch_size=1), 1), (Args(per_device_eval_batch_size=1), 1)]:
+        with pytest.raises(ValueError, match="micro-batch of one example cannot estimate z0.*at least 2"):
+            check_args(args, world_size, 100)
+    check_args(Args(per_device_train_batch_size=1, per_device_eval_batch_size=1), 2, 100)  # 2 processes pair up
+
+
+def test_other_settings_kto_cannot_run_with_are_errors():
+    with pytest.raises(ValueError, match="--precompute-ref-logps.*cannot be freed"):
+        check_args(Args(precompute_ref_logps=True), 1, 100)
+    with pytest.raises(ValueError, match="the test split has 3 examples, fewer than the 4 processes"):
+        check_args(Args(), 4, 3)
+
+
+def test_class_weights_follow_the_papers_rule():
+    assert class_weight_warning(100, 100, 1.0, 1.0) is None
+    assert class_weight_warning(100, 100, 1.5, 1.0) is None
+    assert class_weight_warning(30, 70, 3.0, 1.0) is None  # 90 / 70 = 1.29
+    message = class_weight_warning(30, 70, 1.0, 1.0)
+    assert "= 0.429 is outside the paper's [1, 3/2]" in message and "--desirable-weight in [2.33, 3.5]" in message
+    assert "0 desirable and 5 undesirable" in class_weight_warning(0, 5, 1.0, 1.0)
+    with pytest.raises(ValueError, match="must both be positive"):
+        class_weight_warning(10, 10, 1.0, 0.0)
+
+
+def test_evaluate_pairs_within_groups_and_averages_over_every_example(tokenizer, tiny_model):
+    examples = [GOOD, BAD, OTHER, BAD, GOOD]
+    rows = prepare_dataset(dataset(*examples), tokenizer, len(tokenizer), Args())
+    policy = LlamaForCausalLM(tiny_model.config)
+    args = Args(per_device_eval_batch_size=2)  # groups [0, 1] and [2, 3, 4] (a last group of 1 joins)
+    metrics = evaluate(policy, tiny_model, rows, args, tokenizer.pad_token_id, torch.device("cpu"),
+                       torch.autocast("cpu", enabled=False))
+    losses = []
+    for group in ([0, 1], [2, 3, 4]):
+        batch = collate([rows[i] for i in group], [rows[i] for i in mismatched_partners(group)],
+                        tokenizer.pad_token_id, args.max_length)
+        losses.append(compute_loss(policy, tiny_model, batch, args)[1]["loss"])
+    assert metrics["eval/loss"] == pytest.approx((sum(losses) / 5).item(), rel=1e-6)
+    assert policy.training  # evaluate puts the policy back into training mode
