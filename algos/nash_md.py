@@ -1,0 +1,730 @@
+"""Nash Mirror Descent (Nash-MD), Nash learning from human feedback, in one file.
+
+Paper: Munos, Valko, Calandriello, Azar, Rowland, Guo, Tang, Geist, Mesnard, Michi, Selvi, Girgin,
+Momchev, Bachem, Mankowitz, Precup, Piot, "Nash Learning from Human Feedback", ICML 2024, arXiv:2312.00886.
+
+Idea. A reward model assumes that preferences are transitive; a pairwise preference model P(y ≻ y' | x)
+does not (A can beat B, B beat C and C beat A). With it, the goal is not a best response but the
+regularised Nash equilibrium of the game "my completion against yours": the policy π* that no other
+policy beats, P(π* ≻ π) - τ·KL(π*‖μ) + τ·KL(π‖μ) >= 1/2 for all π (μ = π_ref). Nash-MD reaches it by
+mirror descent, each policy playing against a geometric mixture of itself and the reference:
+    π_t^μ(y) ∝ π_t(y)^(1-ητ)·μ(y)^(ητ)          π_t+1(y) ∝ π_t^μ(y)·exp(η·P(y ≻ π_t^μ))
+over a finite set of responses (`nash_md_tabular_step`), whose last iterate converges to the regularised
+equilibrium π ∝ μ·exp(P(y ≻ π)/τ) with η_t = 2/(τ(t+2)) (`nash_md_tabular`); with τ = 0 it cycles. For
+a language model the paper follows a policy gradient (Nash-MD-PG): sample y from π and y' from the mixture,
+ask the preference model which is better, and push log π(y) up or down by how much y won.
+
+Loss. For a prompt x, y ~ π and y' ~ π^β, the token-level geometric mixture with coefficient β
+(`--mixture-coef`, the paper's β; TRL's mixture_coef): at each step
+    π^β(y_t | x, y_<t) ∝ π(y_t | x, y_<t)^(1-β) · π_ref(y_t | x, y_<t)^β     (normalised over the vocabulary)
+logp(y) = Σ_t log π(y_t | x, y_<t) over the tokens of y (EOS included), ref(y) under the reference, and
+    loss = -(P(y ≻ y') - 1/2)·logp(y) + (τ/2)·(logp(y) - ref(y))²      averaged over the prompts
+τ is `--tau` (TRL calls it beta). Its gradient, the samples held fixed, is the paper's Nash-MD-PG estimate
+-(P(y ≻ y') - 1/2 - τ·log π(y)/π_ref(y))·∇logp(y): a REINFORCE step on the preference with baseline 1/2
+(unbiased, since E_y'[P(y' ≻ y')] = 1/2 for y' ~ π is what the mixture plays at β = 0), plus the KL
+regulariser. The KL term is ½(log π/π_ref)², the "k2" estimator of KL(π‖π_ref); with y ~ π its gradient
+log(π/π_ref)(y)·∇logp(y) is the score-function (REINFORCE) estimate of ∇KL(π‖π_ref), unbiased because
+E_π[∇logp] = 0. The logged KL is the "k1" estimate logp(y) - ref(y), unbiased for KL(π‖π_ref).
+P(y ≻ y') comes from a pairwise preference model, symmetrised (below), or from a reward model r through
+the Bradley-Terry link σ(r(x, y) - r(x, y')) when --reward-model-path is given.
+
+Run (from anywhere; the defaults point at the bundled task in benchmarks/arith/):
+    python algos/nash_md.py                              # 1 process, CPU or one GPU
+    torchrun --nproc_per_node 2 algos/nash_md.py --per-device-train-batch-size 16   # same global batch
+    python benchmarks/arith/evaluate.py runs/<run_name>  # held-out accuracy of the saved policy
+    python algos/nash_md.py --model-name-or-path Qwen/Qwen2.5-0.5B-Instruct \\
+        --dataset-name trl-lib/ultrafeedback-prompt --reward-model-path <a sequence classifier> \\
+        --tau 0.1 --mixture-coef 0.5 --learning-rate 5e-7 --max-new-tokens 256 --temperature 1.0 \\
+        --per-device-train-batch-size 4 --gradient-accumulation-steps 8 --num-train-epochs 1 \\
+        --max-length 1024 --bf16 --gradient-checkpointing --eval-steps 500 --logging-steps 10
+
+Deviations from the paper (and from TRL's NashMDTrainer, the reference implementation we compared with):
+1. The mixture is the paper's token-level ("one-step-at-a-time") regularised policy, as in TRL: each next
+   token is drawn from the normalised product of the two next-token distributions. It is not the
+   sequence-level geometric mixture of the tabular theory, whose next-token conditionals would need sums
+   over all continuations. Mixing the two models' logits (TRL) or log-probs (here) is the same thing after
+   normalisation. Temperature T divides the mixed log-probs, for y and y' alike; the estimator above is
+   on-policy only at T = 1 (the default).
+2. The KL gradient is the sequence-level score-function estimate above. TRL multiplies each token's
+   log-ratio by that token's log-prob only (Σ_t sg[log π/π_ref](y_t)·∇log π(y_t)), which drops the later
+   tokens' log-ratios from each token's weight: lower variance, but biased for the sequence-level KL.
+3. The preference model is symmetrised: P(y ≻ y') = σ((l(x, y, y') - l(x, y', y))/2) from its log-odds in
+   both orders, so that P(y ≻ y') + P(y' ≻ y) = 1 exactly and P(y ≻ y) = 1/2 (identical completions get
+   exactly 1/2). This equals σ(l(x, y, y')) when the model is already antisymmetric. TRL's judges are
+   asked once. The preference model reads the whole prompt even when the policy's is truncated.
+4. Completions that reach --max-new-tokens (or --max-length) without EOS are kept as they are, and judged
+   as they are (no EOS penalty, unlike TRL's optional missing_eos_penalty); their share is logged.
+5. Optimiser: AdamW with linear warm-up then linear decay (TRL's default); the paper's summarisation
+   experiments do not publish a full recipe. The reference μ is the model we start from.
+6. Sampling noise: every completion draws its Gumbel noise from its own generator seeded by (seed, step,
+   example, y or y'), so a sample does not depend on the rest of its batch; one process and torchrun
+   then train on the same samples. Evaluation uses step 0: the same noise at every evaluation.
+
+Defaults: chosen for the bundled task by the sweep described at the end of this docstring.
+
+Logged metrics (TRL's names where they exist; `train/` every `--logging-steps` steps, averaged over the
+prompts seen since the last log and over all processes; `eval/` over the whole held-out split, where the
+opponent y' is sampled from the reference instead of the mixture, β = 1):
+    loss                 the loss above (its value is not the objective: read the metrics below)
+    loss/kl              mean logp(y) - ref(y), the k1 estimate of KL(π‖π_ref)
+    objective/entropy    mean -logp(y), the Monte Carlo entropy of π over completions
+    rewards/probabilities  mean P(y ≻ y'): the expected win rate of π against the mixture (eval: the reference)
+    rewards/win_rate     fraction of prompts where P(y ≻ y') > 1/2, a tie (P = 1/2) counting one half
+    rewards/policy, rewards/opponent   with a reward model only: mean r(x, y) and r(x, y')
+    completions/length, completions/opponent_length   mean tokens of y and y' (EOS excluded)
+    completions/clipped_ratio, completions/opponent_clipped_ratio   share of y and y' cut without EOS
+    learning_rate, grad_norm (before clipping), epoch
+Everything goes to TensorBoard under runs/<run_name>/ (and W&B with --track), to runs/<run_name>/
+metrics.jsonl (one JSON object per logged step), to the progress bar, and into a final summary line.
+At each logging step a few sampled (prompt, y, y', P) go to TensorBoard's text tab and to
+runs/<run_name>/completions.jsonl.
+The trained model and tokenizer are saved with save_pretrained into the same directory.
+"""
+
+import itertools
+import json
+import os
+import random
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass
+from typing import Literal
+
+import datasets
+import numpy as np
+import torch
+import torch.distributed as dist
+import transformers
+import tyro
+from datasets import Dataset, load_dataset
+from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.utils.tensorboard import SummaryWriter
+from tqdm import tqdm
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, get_scheduler
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)  # `kernels` lives at the repository root, next to algos/
+from kernels import logprobs  # noqa: E402
+
+
+@dataclass
+class Args:
+    exp_name: str = os.path.basename(__file__)[: -len(".py")]
+    """the name of this experiment, part of the run name"""
+    seed: int = 1
+    """seed of python, numpy, torch and the data order"""
+    torch_deterministic: bool = True
+    """if toggled, `torch.use_deterministic_algorithms`: same seed, same machine, same numbers"""
+    cuda: bool = True
+    """if toggled, use CUDA when it is available"""
+    track: bool = False
+    """if toggled, also log to Weights & Biases"""
+    wandb_project_name: str = "preference-algos"
+    """the W&B project"""
+    wandb_entity: str | None = None
+    """the W&B entity (team)"""
+    output_dir: str | None = None
+    """where logs, metrics.jsonl and the trained model go; default runs/<run_name>"""
+
+    model_name_or_path: str = os.path.join(REPO, "benchmarks/arith/model")
+    """the policy to train and the frozen reference: a hub id or a local directory"""
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """dtype of the weights (and AdamW state); keep float32 and use --bf16 for mixed precision"""
+    bf16: bool = False
+    """if toggled, run forward passes under bfloat16 autocast (GPU)"""
+    gradient_checkpointing: bool = False
+    """if toggled, recompute activations in the backward pass to save memory"""
+
+    dataset_name: str = os.path.join(REPO, "benchmarks/arith/data/prompts_{split}.jsonl")
+    """a hub id or a local .json/.jsonl/.parquet file; `{split}` in a file name is replaced by the split
+    (a local file without it has only a training split, so no evaluation)"""
+    dataset_config: str | None = None
+    """the hub dataset's configuration name, if it has several"""
+    dataset_train_split: str = "train"
+    """the split to train on"""
+    dataset_test_split: str | None = "test"
+    """the split to evaluate on; None to skip evaluation"""
+    max_length: int = 1024
+    """maximum tokens of prompt + completion; sampling stops there even before --max-new-tokens"""
+    max_prompt_length: int = 512
+    """maximum tokens of the prompt, cut according to --truncation-mode"""
+    truncation_mode: Literal["keep_end", "keep_start"] = "keep_end"
+    """which part of a too-long prompt to keep: its end (next to the completion) or its start"""
+
+    learning_rate: float = 2e-5
+    """AdamW learning rate after warm-up"""
+    lr_scheduler_type: Literal["linear", "cosine", "constant_with_warmup"] = "linear"
+    """the learning-rate schedule after warm-up"""
+    warmup_ratio: float = 0.1
+    """fraction of the optimiser steps spent warming the learning rate up linearly from 0"""
+    weight_decay: float = 0.0
+    """AdamW weight decay"""
+    max_grad_norm: float = 1.0
+    """clip the global gradient norm to this (inf: no clipping)"""
+    per_device_train_batch_size: int = 32
+    """prompts per process per micro-batch; global batch = this x processes x accumulation steps"""
+    gradient_accumulation_steps: int = 1
+    """micro-batches accumulated into one optimiser step"""
+    per_device_eval_batch_size: int = 64
+    """prompts per process per evaluation batch"""
+    num_train_epochs: int = 2
+    """passes over the training split (ignored when --max-steps is set)"""
+    max_steps: int | None = None
+    """if set, train for exactly this many optimiser steps"""
+    logging_steps: int = 10
+    """log training metrics every this many optimiser steps"""
+    eval_steps: int = 100
+    """evaluate every this many optimiser steps (0: only at the end)"""
+
+    tau: float = 0.1
+    """τ, the strength of the KL(π‖π_ref) regulariser (TRL calls it beta)"""
+    mixture_coef: float = 0.125
+    """β, the reference's weight in the geometric mixture the opponent y' is sampled from (0: self-play)"""
+    temperature: float = 1.0
+    """sampling temperature of y and y' (1: on-policy, as the policy gradient assumes)"""
+    max_new_tokens: int = 72
+    """the most tokens sampled per completion, EOS included"""
+    preference_model_path: str | None = os.path.join(REPO, "benchmarks/arith/preference_model")
+    """a pairwise preference model (sequence classifier, one output: the log-odds that a beats b)"""
+    preference_template: str = "{prompt}[1]\n{a}\n[2]\n{b}\n"
+    """the text the preference model reads for prompt, a and b (its tokenizer adds its special tokens)"""
+    reward_model_path: str | None = None
+    """if set, judge with this reward model (one output, read on prompt + completion) through
+    Bradley-Terry, instead of the preference model"""
+    num_logged_completions: int = 2
+    """sampled (prompt, y, y', P) written to the logs at each logging step"""
+
+
+def nash_md_tabular_step(
+    policy: torch.Tensor, reference: torch.Tensor, preference: torch.Tensor, eta: float, tau: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One step of tabular Nash-MD over K responses, and the mixture it played against.
+
+    policy π_t and reference μ are (K,) probability vectors, preference the (K, K) matrix of
+    P(y_i ≻ y_j) (P + Pᵀ = 1). With P(y ≻ π) = Σ_y' P(y ≻ y')·π(y'):
+        π_t^μ(y) ∝ π_t(y)^(1-ητ) · μ(y)^(ητ)                  (the normalised geometric mixture)
+        π_t+1(y) ∝ π_t^μ(y) · exp(η · P(y ≻ π_t^μ))           (mirror descent against it)
+    returns (π_t+1, π_t^μ), each (K,). Requires 0 <= ητ <= 1; a zero probability stays zero
+    (0^0 = 1, so ητ = 1 plays μ whatever the support of π_t).
+    """
+    if not 0 <= eta * tau <= 1:
+        raise ValueError(f"η·τ = {eta * tau}: the mixture weight η·τ must lie in [0, 1]; lower the step size η")
+    mixture = torch.softmax(torch.xlogy(1 - eta * tau, policy) + torch.xlogy(eta * tau, reference), dim=-1)
+    next_policy = torch.softmax(mixture.log() + eta * (preference @ mixture), dim=-1)
+    return next_policy, mixture
+
+
+def nash_md_tabular(preference: torch.Tensor, reference: torch.Tensor, tau: float, num_steps: int,
+                    policy: torch.Tensor | None = None) -> torch.Tensor:
+    """The last iterate of `num_steps` tabular Nash-MD steps from `policy` (default: the reference) with
+    the paper's step sizes η_t = 2/(τ(t + 2)), t = 0, 1, ...: it converges to the regularised Nash
+    equilibrium π ∝ μ·exp(P(y ≻ π)/τ) (Munos et al. 2023, Theorem 1). Requires τ > 0."""
+    if tau <= 0:
+        raise ValueError(f"--tau {tau}: the step sizes 2/(τ(t + 2)) need τ > 0 (at τ = 0 Nash-MD cycles)")
+    policy = reference if policy is None else policy
+    for t in range(num_steps):
+        policy, _ = nash_md_tabular_step(policy, reference, preference, 2 / (tau * (t + 2)), tau)
+    return policy
+
+
+def geometric_mixture(
+    policy_logits: torch.Tensor | None, reference_logits: torch.Tensor | None, mixture_coef: float,
+    temperature: float = 1.0,
+) -> torch.Tensor:
+    """Next-token log-probs of the token-level geometric mixture of policy and reference.
+
+    (..., V) logits of each model at the same position; the one whose weight is 0 may be None. With β the
+    mixture coefficient and T the temperature:
+        log π^β(·) = log_softmax(((1 - β)·log_softmax(policy_logits) + β·log_softmax(reference_logits)) / T)
+    β = 0 is the policy at temperature T, β = 1 the reference at temperature T.
+    """
+    mixed = 0
+    if mixture_coef < 1:
+        mixed = mixed + (1 - mixture_coef) * policy_logits.log_softmax(-1)
+    if mixture_coef > 0:
+        mixed = mixed + mixture_coef * reference_logits.log_softmax(-1)
+    return (mixed / temperature).log_softmax(-1)
+
+
+def nash_md_loss(
+    policy_logps: torch.Tensor,
+    reference_logps: torch.Tensor,
+    probabilities: torch.Tensor,
+    tau: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The Nash-MD policy-gradient loss of each sampled completion, and its KL estimate.
+
+    Inputs are (B,): logp(y) and ref(y), sums of completion-token log-probs of y ~ π under the policy and
+    the reference, and P(y ≻ y') against the opponent y' ~ mixture. With
+        loss = -(P(y ≻ y') - 1/2)·logp(y) + (τ/2)·(logp(y) - ref(y))²
+    the gradient with respect to logp(y) is -(P - 1/2 - τ·(logp(y) - ref(y))): the paper's Nash-MD-PG
+    estimate times ∇logp(y). Returns (losses, kl), each (B,): the per-completion losses (differentiable)
+    and logp(y) - ref(y) (detached), the k1 estimate of KL(π‖π_ref).
+    """
+    log_ratios = policy_logps - reference_logps
+    losses = -(probabilities - 0.5) * policy_logps + tau / 2 * log_ratios**2
+    return losses, log_ratios.detach()
+
+
+def load_splits(name: str, config: str | None, train_split: str, test_split: str | None):
+    """(train, test or None): splits of a hub dataset, or local .json/.jsonl/.parquet files where `{split}`
+    in the name is replaced by the split (a file name without it is the training data only: no test)."""
+    extension = os.path.splitext(name)[1]
+    if extension not in (".json", ".jsonl", ".parquet"):
+        test = load_dataset(name, config, split=test_split) if test_split else None
+        return load_dataset(name, config, split=train_split), test
+
+    def load_file(split):
+        path = name.replace("{split}", split)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"no dataset file {path} (--dataset-name {name}, split {split})")
+        return load_dataset("parquet" if extension == ".parquet" else "json", data_files=path, split="train")
+
+    return load_file(train_split), (load_file(test_split) if test_split and "{split}" in name else None)
+
+
+def is_conversational(value) -> bool:
+    """TRL's conversational format: a list of {"role": ..., "content": ...} messages."""
+    return isinstance(value, list) and len(value) > 0 and isinstance(value[0], dict) and "role" in value[0]
+
+
+def apply_chat_template(tokenizer, prompt: list, completions: list[list]) -> tuple[str, list[str]]:
+    """Render a conversational prompt with the generation prompt, and each completion as the rendered
+    prompt + completion conversation minus the rendered prompt."""
+    if tokenizer.chat_template is None:
+        raise ValueError("the dataset is conversational (lists of messages) but the tokenizer has no chat "
+                         "template: set tokenizer.chat_template, or use a dataset of plain strings")
+    prompt_text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+    texts = []
+    for completion in completions:
+        if not is_conversational(completion):
+            raise ValueError("the prompt is a list of messages but a completion is not: use one format")
+        text = tokenizer.apply_chat_template(prompt + completion, tokenize=False)
+        if not text.startswith(prompt_text):
+            raise ValueError(f"the chat template does not render the prompt {prompt_text!r} as a prefix of "
+                             f"prompt + completion {text!r}, so the completion cannot be cut out")
+        texts.append(text[len(prompt_text) :])
+    return prompt_text, texts
+
+
+def tokenize_prompt(tokenizer, text: str) -> list[int]:
+    """Prompt token ids, starting with BOS (once) when the tokenizer has one."""
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    if tokenizer.bos_token_id is not None and ids[:1] != [tokenizer.bos_token_id]:
+        ids = [tokenizer.bos_token_id] + ids
+    if not ids:
+        raise ValueError("the prompt is empty and the tokenizer has no BOS: nothing to predict the completion from")
+    return ids
+
+
+def truncate(prompt_ids: list[int], completions_ids: list[list[int]], max_length, max_prompt_length, truncation_mode):
+    """Cut the prompt to max_prompt_length tokens (keep_end keeps its end, keep_start its start), then each
+    completion at its end to fit max_length. Raises if not even one completion token fits."""
+    if len(prompt_ids) > max_prompt_length:
+        keep_end = truncation_mode == "keep_end"
+        prompt_ids = prompt_ids[-max_prompt_length:] if keep_end else prompt_ids[:max_prompt_length]
+    room = max_length - len(prompt_ids)
+    if room < 1:
+        raise ValueError(f"the prompt takes {len(prompt_ids)} tokens, which leaves no room for the completion "
+                         f"within --max-length {max_length}: lower --max-prompt-length or raise --max-length")
+    return prompt_ids, [ids[:room] for ids in completions_ids]
+
+
+def tokenize_row(example: dict, tokenizer, max_length, max_prompt_length, truncation_mode) -> dict:
+    """A prompt-only example, standard or conversational -> the prompt's token ids, and its text for the judge."""
+    prompt = example["prompt"]
+    if is_conversational(prompt):
+        prompt, _ = apply_chat_template(tokenizer, prompt, [])
+    prompt_ids = tokenize_prompt(tokenizer, prompt)
+    length = len(prompt_ids)
+    prompt_ids, _ = truncate(prompt_ids, [], max_length, max_prompt_length, truncation_mode)
+    return {"prompt_ids": prompt_ids, "prompt_text": prompt, "truncated": len(prompt_ids) != length}
+
+
+def prepare_dataset(dataset: Dataset, tokenizer, vocab_size: int, args: Args, name="the dataset") -> list[dict]:
+    """Check a prompt-only dataset and tokenize it into a list of `tokenize_row` rows, each with its index."""
+    columns = ["prompt"]
+    missing = [column for column in columns if column not in dataset.column_names]
+    if missing:
+        raise ValueError(f"{name} lacks the column(s) {missing}: it has {dataset.column_names}, and Nash-MD needs "
+                         f"{columns} (TRL's prompt-only format, as strings or lists of messages; the completions "
+                         "are sampled during training): rename the column")
+    if len(dataset) == 0:
+        raise ValueError(f"{name} is empty: check --dataset-name and the split")
+    rows = []
+    for i, example in enumerate(dataset):
+        try:
+            row = tokenize_row(example, tokenizer, args.max_length, args.max_prompt_length, args.truncation_mode)
+        except ValueError as error:
+            raise ValueError(f"{name}, example {i}: {error}") from error
+        top = max(row["prompt_ids"])
+        if top >= vocab_size:
+            raise ValueError(f"{name}, example {i}: token id {top} is outside the model's vocabulary of "
+                             f"{vocab_size}: the tokenizer does not belong to the model")
+        rows.append({**row, "index": i})
+    return rows
+
+
+def collate(rows: list[dict], completions: list[list[int]], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """B rows and their sampled completions -> B right-padded sequences: input_ids, attention_mask, labels
+    (B, T), labels being the input ids on completion tokens and -100 on prompt and padding."""
+    sequences, labels = [], []
+    for row, completion in zip(rows, completions):
+        sequences.append(row["prompt_ids"] + completion)
+        labels.append([-100] * len(row["prompt_ids"]) + completion)
+    length = max(map(len, sequences))
+    return {
+        "input_ids": torch.tensor([s + [pad_token_id] * (length - len(s)) for s in sequences]),
+        "attention_mask": torch.tensor([[1] * len(s) + [0] * (length - len(s)) for s in sequences]),
+        "labels": torch.tensor([s + [-100] * (length - len(s)) for s in labels]),
+    }
+
+
+def batch_logps(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """(N,) float32 sums of log π(y_t | x, y_<t) over the completion tokens. The logits at position t
+    predict token t + 1, hence the shift; labels are -100 on prompt and padding, which count 0."""
+    return logprobs(logits[:, :-1], labels[:, 1:]).sum(-1)
+
+
+def completion_logps(model, batch: dict) -> torch.Tensor:
+    """The (B,) completion log-probs of the sequences of a `collate` batch, in one forward pass."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+    return batch_logps(logits, batch["labels"])
+
+
+def row_generators(seed: int, step: int, indices: list[int], stream: int) -> list[torch.Generator]:
+    """One CPU generator per row, seeded by (seed, step, example index, stream): a sample's noise depends
+    on nothing else, so a prompt gets the same sample in any batch on any number of processes."""
+    return [torch.Generator().manual_seed(hash((seed, step, index, stream)) % 2**63) for index in indices]
+
+
+@torch.no_grad()
+def sample_completions(policy, ref_model, prompts: list[list[int]], budgets: list[int], mixture_coef: float,
+                       temperature: float, generators: list[torch.Generator], pad_token_id: int,
+                       eos_token_id: int) -> list[list[int]]:
+    """One completion per prompt from the token-level geometric mixture (`geometric_mixture`; β = 0: the
+    policy alone, β = 1: the reference alone), each model with its own KV cache, the policy in eval mode.
+
+    Prompts are left-padded. Completion i ends with its first EOS (kept) or after budgets[i] tokens.
+    Row i draws its Gumbel noise from generators[i] alone: argmax(log π^β + Gumbel) is a sample of π^β.
+    """
+    device = next(policy.parameters()).device
+    width = max(map(len, prompts))
+    input_ids = torch.tensor([[pad_token_id] * (width - len(p)) + p for p in prompts], device=device)
+    attention_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    players = {"policy": policy if mixture_coef < 1 else None, "reference": ref_model if mixture_coef > 0 else None}
+    caches = dict.fromkeys(players)
+    completions, done = [[] for _ in prompts], [False] * len(prompts)
+    was_training = policy.training
+    policy.eval()
+    for _ in range(max(budgets)):
+        logits = dict.fromkeys(players)
+        for name, player in players.items():
+            if player is not None:
+                output = player(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                                cache=caches[name], use_cache=True, logits_to_keep=1)
+                caches[name], logits[name] = output.cache, output.logits[:, -1].float()
+        logps = geometric_mixture(logits["policy"], logits["reference"], mixture_coef, temperature)
+        uniform = torch.stack([torch.rand(logps.shape[-1], generator=g, dtype=torch.float64) for g in generators])
+        tokens = (logps - (-uniform.log()).log().to(device)).argmax(-1)
+        for i, token in enumerate(tokens.tolist()):
+            if not done[i]:
+                completions[i].append(token)
+                done[i] = token == eos_token_id or len(completions[i]) == budgets[i]
+        if all(done):
+            break
+        input_ids = tokens[:, None]
+        attention_mask = torch.cat([attention_mask, attention_mask.new_ones(len(prompts), 1)], dim=1)
+        position_ids = position_ids[:, -1:] + 1
+    policy.train(was_training)
+    return completions
+
+
+@torch.no_grad()
+def preference_probabilities(judge, prompts: list[str], completions: list[str], opponents: list[str], args: Args):
+    """(P, scores, opponent_scores), each (B,): P(y ≻ y') for each prompt x, completion y and opponent y'.
+
+    judge = (model, tokenizer), a sequence classifier with one output. A preference model reads
+    --preference-template in both orders and P(y ≻ y') = σ((l(x, y, y') - l(x, y', y)) / 2), so that
+    P(y ≻ y') + P(y' ≻ y) = 1; a reward model (--reward-model-path) reads x + y and x + y', and
+    P(y ≻ y') = σ(r(x, y) - r(x, y')). Identical completions get exactly 1/2. The scores are l(x, y, y')
+    and l(x, y', y), or r(x, y) and r(x, y').
+    """
+    model, tokenizer = judge
+    if args.reward_model_path is not None:
+        texts = [x + y for x, y in zip(prompts + prompts, completions + opponents)]
+    else:
+        texts = [args.preference_template.format(prompt=x, a=a, b=b)
+                 for x, a, b in zip(prompts + prompts, completions + opponents, opponents + completions)]
+    encoded = tokenizer(texts, padding=True, return_tensors="pt").to(next(model.parameters()).device)
+    scores, opponent_scores = model(**encoded).logits[:, 0].float().chunk(2)
+    margins = scores - opponent_scores
+    probabilities = torch.sigmoid(margins if args.reward_model_path is not None else margins / 2)
+    identical = torch.tensor([y == z for y, z in zip(completions, opponents)], device=probabilities.device)
+    return probabilities.masked_fill(identical, 0.5), scores, opponent_scores
+
+
+def compute_loss(model, ref_model, judge, tokenizer, rows: list[dict], step: int, args: Args, pad_token_id: int,
+                 mixture_coef: float):
+    """One round on a micro-batch of prompts: y ~ π, y' ~ π^β (β = mixture_coef), P(y ≻ y') from the judge.
+    Returns the mean loss, the sums over its prompts of the logged metrics, and the first
+    --num-logged-completions (prompt, y, y', P)."""
+    policy = model.module if isinstance(model, DDP) else model
+    device = next(policy.parameters()).device
+    prompts = [row["prompt_ids"] for row in rows]
+    budgets = [min(args.max_new_tokens, args.max_length - len(ids)) for ids in prompts]
+    indices = [row["index"] for row in rows]
+    completions, opponents = (
+        sample_completions(policy, ref_model, prompts, budgets, coef, args.temperature,
+                           row_generators(args.seed, step, indices, stream), pad_token_id, tokenizer.eos_token_id)
+        for coef, stream in ((0.0, 0), (mixture_coef, 1))
+    )
+    prompt_texts = [row["prompt_text"] for row in rows]
+    texts, opponent_texts = ([tokenizer.decode(ids, skip_special_tokens=True) for ids in samples]
+                             for samples in (completions, opponents))
+    probabilities, scores, opponent_scores = preference_probabilities(judge, prompt_texts, texts, opponent_texts, args)
+    batch = {k: v.to(device) for k, v in collate(rows, completions, pad_token_id).items()}
+    policy_logps = completion_logps(model, batch)
+    with torch.no_grad():
+        reference_logps = completion_logps(ref_model, batch)
+    losses, kl = nash_md_loss(policy_logps, reference_logps, probabilities, args.tau)
+
+    def total(values) -> torch.Tensor:
+        return torch.tensor(float(sum(values)), device=device)
+
+    def length(ids: list[int]) -> int:
+        return len(ids) - (ids[-1] == tokenizer.eos_token_id)
+
+    metrics = {
+        "loss": losses.detach().sum(),
+        "loss/kl": kl.sum(),
+        "objective/entropy": -policy_logps.detach().sum(),
+        "rewards/probabilities": probabilities.sum(),
+        "rewards/win_rate": ((probabilities > 0.5).float() + 0.5 * (probabilities == 0.5).float()).sum(),
+        "completions/length": total(map(length, completions)),
+        "completions/opponent_length": total(map(length, opponents)),
+        "completions/clipped_ratio": total(ids[-1] != tokenizer.eos_token_id for ids in completions),
+        "completions/opponent_clipped_ratio": total(ids[-1] != tokenizer.eos_token_id for ids in opponents),
+    }
+    if args.reward_model_path is not None:
+        metrics.update({"rewards/policy": scores.sum(), "rewards/opponent": opponent_scores.sum()})
+    logged = zip(prompt_texts, texts, opponent_texts, probabilities.tolist())
+    samples = [dict(zip(("prompt", "completion", "opponent", "probability"), sample)) for sample in logged]
+    return losses.mean(), metrics, samples[: args.num_logged_completions]
+
+
+def global_batches(num_rows: int, global_batch_size: int, seed: int):
+    """Endless row indices of global batches: a seeded permutation per epoch, its last partial batch dropped."""
+    for epoch in itertools.count():
+        order = torch.randperm(num_rows, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
+        for start in range(0, num_rows - global_batch_size + 1, global_batch_size):
+            yield order[start : start + global_batch_size]
+
+
+def mean_over_ranks(sums: dict[str, torch.Tensor], count: torch.Tensor) -> dict[str, float]:
+    """Metric sums divided by the number of prompts, both summed over all processes."""
+    keys = sorted(sums)
+    totals = torch.stack([sums[key] for key in keys] + [count]).float()
+    if dist.is_initialized():
+        dist.all_reduce(totals)
+    return {key: (totals[i] / totals[-1]).item() for i, key in enumerate(keys)}
+
+
+@torch.no_grad()
+def evaluate(policy, ref_model, judge, tokenizer, rows: list[dict], args: Args, pad_token_id, device,
+             autocast) -> dict[str, float]:
+    """eval/ metrics over all rows, each process taking every world_size-th row: the policy against the
+    reference (β = 1), with the noise of step 0, the same at every evaluation."""
+    policy.eval()
+    sums, count = {}, torch.zeros((), device=device)
+    rank, world_size = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    mine = rows[rank::world_size]
+    for start in range(0, len(mine), args.per_device_eval_batch_size):
+        chunk = mine[start : start + args.per_device_eval_batch_size]
+        with autocast:
+            _, metrics, _ = compute_loss(policy, ref_model, judge, tokenizer, chunk, 0, args, pad_token_id, 1.0)
+        sums = {k: sums.get(k, 0) + v for k, v in metrics.items()}
+        count += len(chunk)
+    policy.train()
+    return {f"eval/{k}": v for k, v in mean_over_ranks(sums, count).items()}
+
+
+def check_args(args: Args, tokenizer) -> None:
+    """Nash-MD's own arguments: ValueErrors that name the problem and the fix."""
+    if not 0 <= args.mixture_coef <= 1:
+        raise ValueError(f"--mixture-coef {args.mixture_coef}: β is the reference's weight in the mixture, in [0, 1]")
+    if args.temperature <= 0:
+        raise ValueError(f"--temperature {args.temperature}: sampling needs a positive temperature (1 is on-policy)")
+    if args.tau < 0:
+        raise ValueError(f"--tau {args.tau}: the KL regulariser's strength τ cannot be negative (0 switches it off)")
+    if args.max_new_tokens < 1:
+        raise ValueError(f"--max-new-tokens {args.max_new_tokens}: a completion needs at least one token")
+    if args.preference_model_path is None and args.reward_model_path is None:
+        raise ValueError("no judge: set --preference-model-path (a pairwise preference model) or "
+                         "--reward-model-path (a reward model, used through Bradley-Terry)")
+    if tokenizer.eos_token_id is None:
+        raise ValueError("the tokenizer has no EOS token, so sampled completions cannot end: set tokenizer.eos_token")
+
+
+def load_judge(args: Args, dtype: torch.dtype, device) -> tuple:
+    """(model, tokenizer) of the reward model if --reward-model-path is set, else of the preference model:
+    a frozen sequence classifier with one output, in eval mode."""
+    path = args.reward_model_path if args.reward_model_path is not None else args.preference_model_path
+    model = AutoModelForSequenceClassification.from_pretrained(path, dtype=dtype).to(device)
+    model.eval().requires_grad_(False)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if model.config.num_labels != 1:
+        raise ValueError(f"the judge {path} has {model.config.num_labels} outputs; it needs one (a log-odds or "
+                         "a reward): train it with num_labels=1")
+    if tokenizer.pad_token_id is None or model.config.pad_token_id is None:
+        raise ValueError(f"the judge {path} has no pad token, so it cannot score a padded batch: set "
+                         "pad_token in its tokenizer and pad_token_id in its config")
+    return model, tokenizer
+
+
+if __name__ == "__main__":
+    args = tyro.cli(Args)
+    start_time = time.time()
+    datasets.disable_progress_bars()
+    transformers.logging.disable_progress_bar()
+
+    # distributed: torchrun sets RANK, LOCAL_RANK and WORLD_SIZE; one process otherwise
+    rank, world_size = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    use_cuda = args.cuda and torch.cuda.is_available()
+    device = torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
+    if use_cuda:
+        torch.cuda.set_device(device)
+    if world_size > 1:
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+    is_main = rank == 0
+
+    # seeding
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    if args.torch_deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.deterministic = True
+
+    # run name and logging: only rank 0 writes
+    dataset_stem = os.path.splitext(os.path.basename(args.dataset_name))[0].replace("{split}", "").strip("_-.")
+    run_name = f"{dataset_stem}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    output_dir = args.output_dir or os.path.join("runs", run_name)
+    if is_main:
+        if args.track:
+            import wandb
+
+            wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True,
+                       config=asdict(args), name=run_name, save_code=True)
+        os.makedirs(output_dir, exist_ok=True)
+        writer = SummaryWriter(output_dir)
+        table = "\n".join(f"|{key}|{value}|" for key, value in asdict(args).items())
+        writer.add_text("hyperparameters", f"|param|value|\n|-|-|\n{table}")
+        metrics_file = open(os.path.join(output_dir, "metrics.jsonl"), "w")
+        completions_file = open(os.path.join(output_dir, "completions.jsonl"), "w")
+
+    # model and tokenizer: the policy trains; the reference is a frozen copy in eval mode; so is the judge
+    tokenizer = AutoTokenizer.from_pretrained(args.model_name_or_path)
+    pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    check_args(args, tokenizer)
+    dtype = getattr(torch, args.dtype)
+    policy = AutoModelForCausalLM.from_pretrained(args.model_name_or_path, dtype=dtype).to(device)
+    policy.train()
+    if args.gradient_checkpointing:
+        policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    ref_model = AutoModelForCausalLM.from_pretrained(args.model_name_or_path, dtype=dtype).to(device)
+    ref_model.eval().requires_grad_(False)
+    judge = load_judge(args, dtype, device)
+    model = DDP(policy, device_ids=[local_rank] if use_cuda else None) if world_size > 1 else policy
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16)
+
+    # data
+    vocab_size = policy.get_input_embeddings().num_embeddings
+    train_data, test_data = load_splits(
+        args.dataset_name, args.dataset_config, args.dataset_train_split, args.dataset_test_split
+    )
+    train_rows = prepare_dataset(train_data, tokenizer, vocab_size, args, "the train split")
+    eval_rows = prepare_dataset(test_data, tokenizer, vocab_size, args, "the test split") if test_data else []
+    truncated = sum(row["truncated"] for row in train_rows + eval_rows)
+    if truncated and is_main:
+        print(f"warning: {truncated} examples truncated to --max-prompt-length / --max-length")
+
+    # optimiser and schedule
+    micro_batch_size, accumulation = args.per_device_train_batch_size, args.gradient_accumulation_steps
+    global_batch_size = micro_batch_size * world_size * accumulation
+    steps_per_epoch = len(train_rows) // global_batch_size
+    if steps_per_epoch == 0:
+        raise ValueError(f"the train split has {len(train_rows)} prompts, less than a global batch ({global_batch_size})")
+    total_steps = args.max_steps if args.max_steps is not None else args.num_train_epochs * steps_per_epoch
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
+    scheduler = get_scheduler(args.lr_scheduler_type, optimizer, round(args.warmup_ratio * total_steps), total_steps)
+    if is_main:
+        print(f"{run_name}: {len(train_rows)} train and {len(eval_rows)} test prompts; {total_steps} steps of "
+              f"{global_batch_size} prompts ({world_size} processes x {micro_batch_size} x {accumulation}) on {device}")
+
+    # training: each step takes one global batch; micro-batch m of process r is its slice m * world_size + r
+    batches = global_batches(len(train_rows), global_batch_size, args.seed)
+    sums, count = {}, torch.zeros((), device=device)
+    train_metrics, eval_metrics = {}, {}
+    progress = tqdm(range(1, total_steps + 1), disable=not is_main, dynamic_ncols=True)
+    for step in progress:
+        indices = next(batches)
+        for micro_step in range(accumulation):
+            start = (micro_step * world_size + rank) * micro_batch_size
+            rows = [train_rows[i] for i in indices[start : start + micro_batch_size]]
+            syncing = micro_step == accumulation - 1 or world_size == 1  # DDP all-reduces on the last backward
+            with nullcontext() if syncing else model.no_sync():
+                with autocast:
+                    loss, metrics, samples = compute_loss(model, ref_model, judge, tokenizer, rows, step, args,
+                                                          pad_token_id, args.mixture_coef)
+                (loss / accumulation).backward()
+            sums = {k: sums.get(k, 0) + v for k, v in metrics.items()}
+            count += len(rows)
+        grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), args.max_grad_norm)
+        learning_rate = scheduler.get_last_lr()[0]
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+
+        logs = {}
+        if step % args.logging_steps == 0 or step == total_steps:
+            train_metrics = {f"train/{k}": v for k, v in mean_over_ranks(sums, count).items()}
+            train_metrics.update({"train/learning_rate": learning_rate, "train/grad_norm": grad_norm.item(),
+                                  "train/epoch": step / steps_per_epoch})
+            logs.update(train_metrics)
+            sums, count = {}, torch.zeros((), device=device)
+            shown = {"loss": "train/loss", "P": "train/rewards/probabilities", "kl": "train/loss/kl"}
+            progress.set_postfix({name: f"{train_metrics[key]:.3f}" for name, key in shown.items()})
+            if is_main:  # the last micro-batch's first samples
+                completions_file.writelines(json.dumps({"step": step, **sample}) + "\n" for sample in samples)
+                completions_file.flush()
+                writer.add_text("completions", "\n\n".join(f"`{json.dumps(sample)}`" for sample in samples), step)
+        if eval_rows and ((args.eval_steps > 0 and step % args.eval_steps == 0) or step == total_steps):
+            eval_metrics = evaluate(policy, ref_model, judge, tokenizer, eval_rows, args, pad_token_id, device, autocast)
+            logs.update(eval_metrics)
+            if is_main:
+                progress.write(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in eval_metrics.items()))
+        if logs and is_main:
+            for key, value in logs.items():
+                writer.add_scalar(key, value, step)
+            metrics_file.write(json.dumps({"step": step, **logs}) + "\n")
+            metrics_file.flush()
+
+    # save and summarise
+    if is_main:
+        policy.save_pretrained(output_dir)
+        tokenizer.save_pretrained(output_dir)
+        writer.close()
+        metrics_file.close()
+        completions_file.close()
+        summary = f"train/loss {train_metrics['train/loss']:.4f}"
+        if eval_metrics:
+            summary += (f", eval/rewards/probabilities {eval_metrics['eval/rewards/probabilities']:.3f}"
+                        f", eval/loss/kl {eval_metrics['eval/loss/kl']:.3f}")
+        print(f"{run_name} done in {time.time() - start_time:.0f}s: {summary}; policy saved to {output_dir}")
+    if world_size > 1:
+        dist.destroy_process_group()
