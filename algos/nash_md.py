@@ -1,64 +1,64 @@
-"""Nash Mirror Descent (Nash-MD), Nash learning from human feedback, in one file.
+"""Nash-MD: Nash learning from human feedback by mirror descent, in one file.
 
-Paper: Munos, Valko, Calandriello, Azar, Rowland, Guo, Tang, Geist, Mesnard, Michi, Selvi, Girgin,
-Momchev, Bachem, Mankowitz, Precup, Piot, "Nash Learning from Human Feedback", ICML 2024, arXiv:2312.00886.
+Paper: Munos, Valko, Calandriello, Azar, Rowland, Guo, Tang, Geist, Mesnard, Michi, Selvi, Girgin, Momchev,
+Bachem, Mankowitz, Precup, Piot, "Nash Learning from Human Feedback", ICML 2024, arXiv:2312.00886.
 
-Idea. A reward model assumes that preferences are transitive; a pairwise preference model P(y ≻ y' | x)
-does not (A can beat B, B beat C and C beat A). With it, the goal is not a best response but the
-regularised Nash equilibrium of the game "my completion against yours": the policy π* that no other
-policy beats, P(π* ≻ π) - τ·KL(π*‖μ) + τ·KL(π‖μ) >= 1/2 for all π (μ = π_ref). Nash-MD reaches it by
-mirror descent, each policy playing against a geometric mixture of itself and the reference:
+Idea. A reward model assumes transitive preferences; a pairwise preference model P(y ≻ y' | x) does not
+(rock beats scissors beats paper beats rock). NLHF looks for the policy that no other policy beats in the
+regularised game P_τ(π ≻ π') = P(π ≻ π') - τ·KL(π‖μ) + τ·KL(π'‖μ), μ = π_ref: its unique Nash
+equilibrium π*_τ. Nash-MD reaches it by mirror descent against a geometric mixture of the current policy
+and the reference. Over a finite set of responses (`nash_md_tabular_step`):
     π_t^μ(y) ∝ π_t(y)^(1-ητ)·μ(y)^(ητ)          π_t+1(y) ∝ π_t^μ(y)·exp(η·P(y ≻ π_t^μ))
-over a finite set of responses (`nash_md_tabular_step`), whose last iterate converges to the regularised
-equilibrium π ∝ μ·exp(P(y ≻ π)/τ) with η_t = 2/(τ(t+2)) (`nash_md_tabular`); with τ = 0 it cycles. For
-a language model the paper follows a policy gradient (Nash-MD-PG): sample y from π and y' from the mixture,
-ask the preference model which is better, and push log π(y) up or down by how much y won.
+with η_t = 2/(τ(t+2)) the last iterate (not only the average) converges to π*_τ, the fixed point
+π ∝ μ·exp(P(y ≻ π)/τ) (`nash_md_tabular`); with τ = 0 it cycles. For a language model (Nash-MD-PG, the
+paper's section 7) each step samples y from π_θ and y' from the mixture, asks the preference model which is
+better, and follows the gradient of P_τ(π_θ ≻ π') with π' held fixed: winners up, losers down, towards μ.
 
-Loss. For a prompt x, y ~ π and y' ~ π^β, the token-level geometric mixture with coefficient β
-(`--mixture-coef`, the paper's β; TRL's mixture_coef): at each step
-    π^β(y_t | x, y_<t) ∝ π(y_t | x, y_<t)^(1-β) · π_ref(y_t | x, y_<t)^β     (normalised over the vocabulary)
-logp(y) = Σ_t log π(y_t | x, y_<t) over the tokens of y (EOS included), ref(y) under the reference, and
-    loss = -(P(y ≻ y') - 1/2)·logp(y) + (τ/2)·(logp(y) - ref(y))²      averaged over the prompts
-τ is `--tau` (TRL calls it beta). Its gradient, the samples held fixed, is the paper's Nash-MD-PG estimate
--(P(y ≻ y') - 1/2 - τ·log π(y)/π_ref(y))·∇logp(y): a REINFORCE step on the preference with baseline 1/2
-(unbiased, since E_y'[P(y' ≻ y')] = 1/2 for y' ~ π is what the mixture plays at β = 0), plus the KL
-regulariser. The KL term is ½(log π/π_ref)², the "k2" estimator of KL(π‖π_ref); with y ~ π its gradient
-log(π/π_ref)(y)·∇logp(y) is the score-function (REINFORCE) estimate of ∇KL(π‖π_ref), unbiased because
-E_π[∇logp] = 0. The logged KL is the "k1" estimate logp(y) - ref(y), unbiased for KL(π‖π_ref).
-P(y ≻ y') comes from a pairwise preference model, symmetrised (below), or from a reward model r through
-the Bradley-Terry link σ(r(x, y) - r(x, y')) when --reward-model-path is given.
+Loss. For a prompt x: y ~ π, and y' ~ π^β, the paper's "one-step-at-a-time regularised policy" with
+β = --mixture-coef (TRL's mixture_coef), each token drawn from the normalised product
+    π^β(y_t | x, y_<t) ∝ π(y_t | x, y_<t)^(1-β) · π_ref(y_t | x, y_<t)^β
+logp(y) = Σ_t log π(y_t | x, y_<t) over the tokens of y (EOS included), ref(y) the same under the frozen
+reference, P = P(y ≻ y' | x) from the preference model and τ = --tau (TRL calls it beta):
+    loss = -(P - 1/2)·logp(y) + (τ/2)·(logp(y) - ref(y))²          averaged over the prompts
+Its gradient, the samples held fixed, is -(P - 1/2 - τ·(logp(y) - ref(y)))·∇logp(y), a one-sample estimate
+of -∇P_τ(π ≻ π'). The first term is REINFORCE on the preference with baseline 1/2, a tie (any constant
+keeps it unbiased, as E_π[∇logp] = 0). The second is the "k2" estimator ½(log π/π_ref)² of the KL, whose
+gradient on y ~ π, log(π/π_ref)(y)·∇logp(y), is an unbiased estimate of ∇KL(π‖π_ref) (both checked on a
+softmax bandit in tests/test_nash_md.py). The logged KL is the "k1" estimate logp(y) - ref(y), unbiased.
+With --reward-model-path, P = σ(r(x, y) - r(x, y')) instead (the Bradley-Terry link).
 
 Run (from anywhere; the defaults point at the bundled task in benchmarks/arith/):
     python algos/nash_md.py                              # 1 process, CPU or one GPU
     torchrun --nproc_per_node 2 algos/nash_md.py --per-device-train-batch-size 16   # same global batch
     python benchmarks/arith/evaluate.py runs/<run_name>  # held-out accuracy of the saved policy
-    python algos/nash_md.py --model-name-or-path Qwen/Qwen2.5-0.5B-Instruct \\
-        --dataset-name trl-lib/ultrafeedback-prompt --reward-model-path <a sequence classifier> \\
-        --tau 0.1 --mixture-coef 0.5 --learning-rate 5e-7 --max-new-tokens 256 --temperature 1.0 \\
+    python algos/nash_md.py --model-name-or-path Qwen/Qwen2-0.5B-Instruct \\
+        --dataset-name trl-lib/ultrafeedback-prompt --reward-model-path trl-lib/Qwen2-0.5B-Reward \\
+        --tau 0.05 --mixture-coef 0.125 --learning-rate 5e-7 --max-new-tokens 256 \\
         --per-device-train-batch-size 4 --gradient-accumulation-steps 8 --num-train-epochs 1 \\
         --max-length 1024 --bf16 --gradient-checkpointing --eval-steps 500 --logging-steps 10
 
-Deviations from the paper (and from TRL's NashMDTrainer, the reference implementation we compared with):
-1. The mixture is the paper's token-level ("one-step-at-a-time") regularised policy, as in TRL: each next
-   token is drawn from the normalised product of the two next-token distributions. It is not the
-   sequence-level geometric mixture of the tabular theory, whose next-token conditionals would need sums
-   over all continuations. Mixing the two models' logits (TRL) or log-probs (here) is the same thing after
-   normalisation. Temperature T divides the mixed log-probs, for y and y' alike; the estimator above is
-   on-policy only at T = 1 (the default).
-2. The KL gradient is the sequence-level score-function estimate above. TRL multiplies each token's
-   log-ratio by that token's log-prob only (Σ_t sg[log π/π_ref](y_t)·∇log π(y_t)), which drops the later
-   tokens' log-ratios from each token's weight: lower variance, but biased for the sequence-level KL.
-3. The preference model is symmetrised: P(y ≻ y') = σ((l(x, y, y') - l(x, y', y))/2) from its log-odds in
-   both orders, so that P(y ≻ y') + P(y' ≻ y) = 1 exactly and P(y ≻ y) = 1/2 (identical completions get
-   exactly 1/2). This equals σ(l(x, y, y')) when the model is already antisymmetric. TRL's judges are
-   asked once. The preference model reads the whole prompt even when the policy's is truncated.
-4. Completions that reach --max-new-tokens (or --max-length) without EOS are kept as they are, and judged
-   as they are (no EOS penalty, unlike TRL's optional missing_eos_penalty); their share is logged.
-5. Optimiser: AdamW with linear warm-up then linear decay (TRL's default); the paper's summarisation
-   experiments do not publish a full recipe. The reference μ is the model we start from.
-6. Sampling noise: every completion draws its Gumbel noise from its own generator seeded by (seed, step,
-   example, y or y'), so a sample does not depend on the rest of its batch; one process and torchrun
-   then train on the same samples. Evaluation uses step 0: the same noise at every evaluation.
+Deviations from the paper (and from TRL's NashMDTrainer, which we read alongside):
+1. The opponent plays the token-level mixture above, as in the paper's experiments and TRL, not the
+   sequence-level geometric mixture of the tabular theory: that one's next-token conditionals need sums
+   over all continuations. Mixing logits (TRL) or log-probs (here) is the same after normalising.
+   --temperature divides the mixed log-probs, for y and y' alike; the estimate is on-policy only at 1.
+2. The KL gradient weights every token of y by the whole completion's log-ratio, the gradient of a true
+   loss (pinned by finite differences in the golden tests). The paper allows the reward-to-go refinement
+   (token n weighted by the log-ratios of tokens >= n: unbiased too, less variance); TRL weights each
+   token by its own log-ratio only, which is biased for the sequence-level KL.
+3. The preference model is read in both orders and symmetrised, P(y ≻ y') = σ((l(x, y, y') - l(x, y', y))/2)
+   from its log-odds l, so that P(y ≻ y') + P(y' ≻ y) = 1 exactly; identical completions get exactly 1/2.
+   It equals σ(l(x, y, y')) for an antisymmetric model; TRL asks its judge once. The judge reads the whole
+   prompt text even when --max-prompt-length cut the policy's.
+4. Completions that reach --max-new-tokens (or --max-length) without EOS are judged as they are, with no
+   penalty (TRL has an optional missing_eos_penalty for reward models); their share is logged.
+5. Optimiser: AdamW with linear warm-up then linear decay (TRL's default). The reference μ is the model we
+   start from, already trained on the task (the paper starts from an SFT model too).
+6. Each completion draws its sampling noise (Gumbel-max) from its own generator seeded by (seed, step,
+   example, y or y'): a sample does not depend on the rest of its batch, so one process and torchrun
+   train on the same samples. Evaluation uses "step 0": the same noise at every evaluation.
+7. In-script evaluation plays the policy against the reference (β = 1) under the same learned preference
+   model, so it measures what the judge thinks; benchmarks/arith/evaluate.py measures the truth.
 
 Defaults: chosen for the bundled task by the sweep described at the end of this docstring.
 
@@ -229,20 +229,21 @@ def nash_md_tabular(preference: torch.Tensor, reference: torch.Tensor, tau: floa
 
 
 def geometric_mixture(
-    policy_logits: torch.Tensor | None, reference_logits: torch.Tensor | None, mixture_coef: float,
+    policy_logits: torch.Tensor | None, reference_logits: torch.Tensor | None, mixture_coef: float | torch.Tensor,
     temperature: float = 1.0,
 ) -> torch.Tensor:
     """Next-token log-probs of the token-level geometric mixture of policy and reference.
 
-    (..., V) logits of each model at the same position; the one whose weight is 0 may be None. With β the
-    mixture coefficient and T the temperature:
+    (..., V) logits of each model at the same position, and β the mixture coefficient (a number, or a
+    tensor broadcasting against (..., 1): one β per row); a model may be None where its weight is 0 on
+    every row. With T the temperature:
         log π^β(·) = log_softmax(((1 - β)·log_softmax(policy_logits) + β·log_softmax(reference_logits)) / T)
     β = 0 is the policy at temperature T, β = 1 the reference at temperature T.
     """
     mixed = 0
-    if mixture_coef < 1:
+    if policy_logits is not None:
         mixed = mixed + (1 - mixture_coef) * policy_logits.log_softmax(-1)
-    if mixture_coef > 0:
+    if reference_logits is not None:
         mixed = mixed + mixture_coef * reference_logits.log_softmax(-1)
     return (mixed / temperature).log_softmax(-1)
 
@@ -396,15 +397,17 @@ def completion_logps(model, batch: dict) -> torch.Tensor:
 def row_generators(seed: int, step: int, indices: list[int], stream: int) -> list[torch.Generator]:
     """One CPU generator per row, seeded by (seed, step, example index, stream): a sample's noise depends
     on nothing else, so a prompt gets the same sample in any batch on any number of processes."""
-    return [torch.Generator().manual_seed(hash((seed, step, index, stream)) % 2**63) for index in indices]
+    keys = [((seed * 1_000_003 + step) * 1_000_003 + index) * 2 + stream for index in indices]
+    return [torch.Generator().manual_seed(key % 2**63) for key in keys]
 
 
 @torch.no_grad()
-def sample_completions(policy, ref_model, prompts: list[list[int]], budgets: list[int], mixture_coef: float,
+def sample_completions(policy, ref_model, prompts: list[list[int]], budgets: list[int], mixture_coefs: list[float],
                        temperature: float, generators: list[torch.Generator], pad_token_id: int,
                        eos_token_id: int) -> list[list[int]]:
-    """One completion per prompt from the token-level geometric mixture (`geometric_mixture`; β = 0: the
-    policy alone, β = 1: the reference alone), each model with its own KV cache, the policy in eval mode.
+    """One completion per prompt from the token-level geometric mixture with that row's β (`geometric_mixture`;
+    β = 0: the policy alone, β = 1: the reference alone), each model with its own KV cache and run only if
+    some row needs it, the policy in eval mode.
 
     Prompts are left-padded. Completion i ends with its first EOS (kept) or after budgets[i] tokens.
     Row i draws its Gumbel noise from generators[i] alone: argmax(log π^β + Gumbel) is a sample of π^β.
@@ -414,7 +417,9 @@ def sample_completions(policy, ref_model, prompts: list[list[int]], budgets: lis
     input_ids = torch.tensor([[pad_token_id] * (width - len(p)) + p for p in prompts], device=device)
     attention_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-    players = {"policy": policy if mixture_coef < 1 else None, "reference": ref_model if mixture_coef > 0 else None}
+    players = {"policy": policy if min(mixture_coefs) < 1 else None,
+               "reference": ref_model if max(mixture_coefs) > 0 else None}
+    mixture_coef = torch.tensor(mixture_coefs, device=device)[:, None]
     caches = dict.fromkeys(players)
     completions, done = [[] for _ in prompts], [False] * len(prompts)
     was_training = policy.training
@@ -476,14 +481,14 @@ def compute_loss(model, ref_model, judge, tokenizer, rows: list[dict], step: int
     prompts = [row["prompt_ids"] for row in rows]
     budgets = [min(args.max_new_tokens, args.max_length - len(ids)) for ids in prompts]
     indices = [row["index"] for row in rows]
-    completions, opponents = (
-        sample_completions(policy, ref_model, prompts, budgets, coef, args.temperature,
-                           row_generators(args.seed, step, indices, stream), pad_token_id, tokenizer.eos_token_id)
-        for coef, stream in ((0.0, 0), (mixture_coef, 1))
-    )
+    generators = row_generators(args.seed, step, indices, 0) + row_generators(args.seed, step, indices, 1)
+    sampled = sample_completions(policy, ref_model, prompts + prompts, budgets + budgets,
+                                 [0.0] * len(rows) + [mixture_coef] * len(rows), args.temperature, generators,
+                                 pad_token_id, tokenizer.eos_token_id)  # y and y' in one batch
+    completions, opponents = sampled[: len(rows)], sampled[len(rows) :]
     prompt_texts = [row["prompt_text"] for row in rows]
-    texts, opponent_texts = ([tokenizer.decode(ids, skip_special_tokens=True) for ids in samples]
-                             for samples in (completions, opponents))
+    texts, opponent_texts = ([tokenizer.decode(ids, skip_special_tokens=True) for ids in side]
+                             for side in (completions, opponents))
     probabilities, scores, opponent_scores = preference_probabilities(judge, prompt_texts, texts, opponent_texts, args)
     batch = {k: v.to(device) for k, v in collate(rows, completions, pad_token_id).items()}
     policy_logps = completion_logps(model, batch)
@@ -578,9 +583,10 @@ def load_judge(args: Args, dtype: torch.dtype, device) -> tuple:
     if model.config.num_labels != 1:
         raise ValueError(f"the judge {path} has {model.config.num_labels} outputs; it needs one (a log-odds or "
                          "a reward): train it with num_labels=1")
-    if tokenizer.pad_token_id is None or model.config.pad_token_id is None:
-        raise ValueError(f"the judge {path} has no pad token, so it cannot score a padded batch: set "
-                         "pad_token in its tokenizer and pad_token_id in its config")
+    if tokenizer.pad_token_id is None:
+        raise ValueError(f"the judge {path} has no pad token, so it cannot score a padded batch: set its "
+                         "tokenizer's pad_token")
+    model.config.pad_token_id = tokenizer.pad_token_id  # where the classifier looks for each text's last token
     return model, tokenizer
 
 
@@ -658,7 +664,8 @@ if __name__ == "__main__":
     global_batch_size = micro_batch_size * world_size * accumulation
     steps_per_epoch = len(train_rows) // global_batch_size
     if steps_per_epoch == 0:
-        raise ValueError(f"the train split has {len(train_rows)} prompts, less than a global batch ({global_batch_size})")
+        raise ValueError(f"the train split has {len(train_rows)} prompts, less than a global batch "
+                         f"({global_batch_size})")
     total_steps = args.max_steps if args.max_steps is not None else args.num_train_epochs * steps_per_epoch
     optimizer = torch.optim.AdamW(policy.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
     scheduler = get_scheduler(args.lr_scheduler_type, optimizer, round(args.warmup_ratio * total_steps), total_steps)
@@ -704,7 +711,8 @@ if __name__ == "__main__":
                 completions_file.flush()
                 writer.add_text("completions", "\n\n".join(f"`{json.dumps(sample)}`" for sample in samples), step)
         if eval_rows and ((args.eval_steps > 0 and step % args.eval_steps == 0) or step == total_steps):
-            eval_metrics = evaluate(policy, ref_model, judge, tokenizer, eval_rows, args, pad_token_id, device, autocast)
+            eval_metrics = evaluate(policy, ref_model, judge, tokenizer, eval_rows, args, pad_token_id, device,
+                                    autocast)
             logs.update(eval_metrics)
             if is_main:
                 progress.write(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in eval_metrics.items()))

@@ -98,7 +98,8 @@ def test_without_regularisation_the_last_iterate_cycles_away():
             torch.testing.assert_close(mixture, policy)  # nothing to mix with
             policy = next_policy
         distances.append(kl(UNIFORM, policy))
-    assert kl(UNIFORM, torch.tensor([0.8, 0.15, 0.05], dtype=torch.float64)) < distances[0] < distances[1] < distances[2]
+    start = kl(UNIFORM, torch.tensor([0.8, 0.15, 0.05], dtype=torch.float64))
+    assert start < distances[0] < distances[1] < distances[2]
 
 
 def test_tabular_bad_step_sizes_are_errors():
@@ -154,10 +155,11 @@ def test_sampled_frequencies_match_the_geometric_mixture():
     policy_logits, reference_logits = torch.tensor([2.0, 0.0, -1.0, 1.0]), torch.tensor([-1.0, 1.0, 0.5, 2.0])
     n = 4000
     completions = sample_completions(FixedLogits(policy_logits), FixedLogits(reference_logits), [[1]] * n, [1] * n,
-                                     0.3, 0.8, row_generators(0, 1, list(range(n)), 0), 0, 99)
+                                     [0.3] * n, 0.8, row_generators(0, 1, list(range(n)), 0), 0, 99)
     frequencies = torch.bincount(torch.tensor([c[0] for c in completions]), minlength=4).double() / n
     expected = geometric_mixture(policy_logits.double(), reference_logits.double(), 0.3, 0.8).exp()
-    assert ((frequencies - expected).abs() <= 4.5 * (expected * (1 - expected) / n).sqrt()).all(), (frequencies, expected)
+    tolerance = 4.5 * (expected * (1 - expected) / n).sqrt()
+    assert ((frequencies - expected).abs() <= tolerance).all(), (frequencies, expected)
 
 
 @pytest.mark.parametrize("mixture_coef", [0.0, 0.5, 1.0])
@@ -167,7 +169,7 @@ def test_cold_sampling_is_greedy_decoding_of_the_mixture(tokenizer, mixture_coef
     policy, reference = tiny_llama(tokenizer, 1), tiny_llama(tokenizer, 2)
     policy.train()
     prompts = [[1, 20, 21], [1, 5, 6, 7, 8, 9, 10], [1, 11, 12, 13, 14]]
-    completions = sample_completions(policy, reference, prompts, [6, 6, 6], mixture_coef, 1e-6,
+    completions = sample_completions(policy, reference, prompts, [6, 6, 6], [mixture_coef] * 3, 1e-6,
                                      row_generators(0, 1, [0, 1, 2], 0), tokenizer.pad_token_id, tokenizer.eos_token_id)
     assert policy.training, "the sampler must give the policy back in train mode"
     policy.eval()
@@ -188,23 +190,23 @@ def test_completions_end_with_eos_or_at_their_budget():
     always_eos = FixedLogits([0.0, 0.0, 50.0])  # token 2 is EOS
     never_eos = FixedLogits([0.0, 0.0, -float("inf")])
     generators = row_generators(0, 1, [0, 1], 0)
-    assert sample_completions(always_eos, None, [[1], [1, 1]], [4, 1], 0.0, 1.0, generators, 0, 2) == [[2], [2]]
-    lengths = [len(c) for c in sample_completions(never_eos, None, [[1], [1, 1]], [4, 1], 0.0, 1.0, generators, 0, 2)]
-    assert lengths == [4, 1]
+    assert sample_completions(always_eos, None, [[1], [1, 1]], [4, 1], [0.0, 0.0], 1.0, generators, 0, 2) == [[2], [2]]
+    completions = sample_completions(never_eos, None, [[1], [1, 1]], [4, 1], [0.0, 0.0], 1.0, generators, 0, 2)
+    assert [len(c) for c in completions] == [4, 1]
 
 
 def test_a_sample_does_not_depend_on_the_rest_of_its_batch(tokenizer):
     """What makes one process and torchrun train on the same samples."""
     policy, reference = tiny_llama(tokenizer, 1), tiny_llama(tokenizer, 2)
     prompts = [[1, 20, 21], [1, 5, 6, 7, 8, 9, 10], [1, 11, 12, 13, 14]]
-    together = sample_completions(policy, reference, prompts, [8] * 3, 0.25, 1.0, row_generators(3, 7, [4, 5, 6], 1),
-                                  tokenizer.pad_token_id, tokenizer.eos_token_id)
-    alone = sample_completions(policy, reference, prompts[1:2], [8], 0.25, 1.0, row_generators(3, 7, [5], 1),
-                               tokenizer.pad_token_id, tokenizer.eos_token_id)
-    assert alone == together[1:2]
-    other_step = sample_completions(policy, reference, prompts, [8] * 3, 0.25, 1.0, row_generators(3, 8, [4, 5, 6], 1),
-                                    tokenizer.pad_token_id, tokenizer.eos_token_id)
-    assert other_step != together
+    def sample(rows, step):
+        return sample_completions(policy, reference, [prompts[i] for i in rows], [8] * len(rows), [0.25] * len(rows),
+                                  1.0, row_generators(3, step, [4 + i for i in rows], 1), tokenizer.pad_token_id,
+                                  tokenizer.eos_token_id)
+
+    together = sample([0, 1, 2], step=7)
+    assert sample([1], step=7) == together[1:2]
+    assert sample([0, 1, 2], step=8) != together
 
 
 def test_preference_model_is_symmetrised(tokenizer):
@@ -217,8 +219,8 @@ def test_preference_model_is_symmetrised(tokenizer):
     torch.testing.assert_close(forward + backward, torch.ones(3))
     assert forward[2] == 0.5, "identical completions tie exactly"
     with torch.no_grad():
-        logits = [judge[0](**tokenizer([args.preference_template.format(prompt=x, a=y, b=z)], return_tensors="pt")).logits[0, 0]
-                  for x, y, z in [(prompts[0], a[0], b[0]), (prompts[0], b[0], a[0])]]
+        texts = [args.preference_template.format(prompt=prompts[0], a=y, b=z) for y, z in [(a[0], b[0]), (b[0], a[0])]]
+        logits = [judge[0](**tokenizer([text], return_tensors="pt")).logits[0, 0] for text in texts]
     torch.testing.assert_close(forward[0], torch.sigmoid((logits[0] - logits[1]) / 2))
     torch.testing.assert_close((scores[0], swapped[0]), (logits[0], logits[1]))
 
@@ -226,9 +228,11 @@ def test_preference_model_is_symmetrised(tokenizer):
 def test_reward_model_judges_through_bradley_terry(tokenizer):
     judge = tiny_judge(tokenizer, seed=6)
     args = Args(reward_model_path="a reward model")
-    probabilities, rewards, opponent_rewards = preference_probabilities(judge, ["Q: 7\n"], ["Answer: 7"], ["Answer: 1"], args)
+    probabilities, rewards, opponent_rewards = preference_probabilities(judge, ["Q: 7\n"], ["Answer: 7"], ["Answer: 1"],
+                                                                        args)
     with torch.no_grad():
-        r = [judge[0](**tokenizer([text], return_tensors="pt")).logits[0, 0] for text in ("Q: 7\nAnswer: 7", "Q: 7\nAnswer: 1")]
+        r = [judge[0](**tokenizer([text], return_tensors="pt")).logits[0, 0]
+             for text in ("Q: 7\nAnswer: 7", "Q: 7\nAnswer: 1")]
     torch.testing.assert_close((rewards[0], opponent_rewards[0]), (r[0], r[1]))
     torch.testing.assert_close(probabilities[0], torch.sigmoid(r[0] - r[1]))
 
@@ -265,8 +269,9 @@ def test_compute_loss_plays_one_round(tokenizer):
     assert torch.isfinite(loss) and loss.requires_grad
     loss.backward()
     assert all(p.grad is not None for p in policy.parameters())
-    assert {"loss", "loss/kl", "objective/entropy", "rewards/probabilities", "rewards/win_rate", "completions/length",
-            "completions/opponent_length", "completions/clipped_ratio", "completions/opponent_clipped_ratio"} == set(metrics)
+    assert set(metrics) == {"loss", "loss/kl", "objective/entropy", "rewards/probabilities", "rewards/win_rate",
+                            "completions/length", "completions/opponent_length", "completions/clipped_ratio",
+                            "completions/opponent_clipped_ratio"}
     assert 0 <= metrics["rewards/probabilities"] <= 3 and 0 <= metrics["completions/length"] <= 30
     assert [s["prompt"] for s in samples] == ["Q: 1+2\n", "Q: (3*4)-5\n"]
     assert all(0 < s["probability"] < 1 for s in samples)
@@ -300,7 +305,8 @@ def test_empty_dataset_is_an_error(tokenizer):
 
 def test_a_prompt_that_leaves_no_room_is_an_error(tokenizer):
     with pytest.raises(ValueError, match=r"example 1: the prompt takes 12 tokens.*no room.*--max-prompt-length"):
-        prepare_dataset(Dataset.from_list(PROMPTS), tokenizer, len(tokenizer), Args(max_length=12, max_prompt_length=12))
+        prepare_dataset(Dataset.from_list(PROMPTS), tokenizer, len(tokenizer),
+                        Args(max_length=12, max_prompt_length=12))
 
 
 @pytest.mark.parametrize("overrides,message", [
@@ -329,14 +335,17 @@ def test_judges_that_cannot_score_are_errors(tokenizer, tmp_path):
     with pytest.raises(ValueError, match="has 2 outputs; it needs one"):
         load_judge(Args(preference_model_path=str(two_outputs)), torch.float32, "cpu")
     no_pad = tmp_path / "no_pad"
-    config = llama_config(tokenizer, num_labels=1)
-    config.pad_token_id = None
-    LlamaForSequenceClassification(config).save_pretrained(no_pad)
-    tokenizer.save_pretrained(no_pad)
-    with pytest.raises(ValueError, match="has no pad token"):
+    LlamaForSequenceClassification(llama_config(tokenizer, num_labels=1)).save_pretrained(no_pad)
+    backend = Tokenizer(models.BPE(vocab={"<unk>": 0, "a": 1}, merges=[], unk_token="<unk>"))
+    PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>").save_pretrained(no_pad)
+    with pytest.raises(ValueError, match="has no pad token.*set its tokenizer's pad_token"):
         load_judge(Args(reward_model_path=str(no_pad)), torch.float32, "cpu")
     good = tmp_path / "good"
-    LlamaForSequenceClassification(llama_config(tokenizer, num_labels=1)).save_pretrained(good)
+    config = llama_config(tokenizer, num_labels=1)
+    config.pad_token_id = None  # the tokenizer's pad token is enough
+    LlamaForSequenceClassification(config).save_pretrained(good)
     tokenizer.save_pretrained(good)
-    model, _ = load_judge(Args(preference_model_path=str(two_outputs), reward_model_path=str(good)), torch.float32, "cpu")
+    args = Args(preference_model_path=str(two_outputs), reward_model_path=str(good))
+    model, _ = load_judge(args, torch.float32, "cpu")
     assert model.config.num_labels == 1 and not model.training, "a reward model, when given, is the judge"
+    assert model.config.pad_token_id == tokenizer.pad_token_id

@@ -49,7 +49,8 @@ def nash_md_loss(policy_logps, reference_logps, probabilities, tau):
 def nash_md_tabular_step(policy, reference, preference, eta, tau):
     """The next policy and the mixture it played against."""
     weight = eta * tau
-    log_mixture = log_normalise([weighted_log(1 - weight, p) + weighted_log(weight, m) for p, m in zip(policy, reference)])
+    log_mixture = log_normalise([weighted_log(1 - weight, p) + weighted_log(weight, m)
+                                 for p, m in zip(policy, reference)])
     mixture = [math.exp(v) for v in log_mixture]
     wins = [math.fsum(preference[i][j] * mixture[j] for j in range(len(mixture))) for i in range(len(mixture))]
     log_next = log_normalise([v + eta * w if v != -math.inf else -math.inf for v, w in zip(log_mixture, wins)])
@@ -83,7 +84,8 @@ LOSS_CASES = [
     {"name": "tie_at_the_reference", "note": "P = 1/2 and policy = reference: loss 0, gradient 0",
      "inputs": _completions([-12.5, -3.0], [-12.5, -3.0], [0.5, 0.5]), "hyperparameters": {"tau": 0.3},
      "hand": {"losses": [0.0, 0.0], "kl": [0.0, 0.0], "grad_policy_logps": [0.0, 0.0]}},
-    {"name": "sure_win_and_sure_loss", "note": "P = 1: loss -logp/2 + τ/2, gradient -1/2 + τ; P = 0 at the reference: logp/2, +1/2",
+    {"name": "sure_win_and_sure_loss",
+     "note": "P = 1: loss -logp/2 + τ/2, gradient -1/2 + τ; P = 0 at the reference: logp/2, +1/2",
      "inputs": _completions([-2.0, -2.0], [-3.0, -2.0], [1.0, 0.0]), "hyperparameters": {"tau": 0.1},
      "hand": {"losses": [1.05, -1.0], "kl": [1.0, 0.0], "grad_policy_logps": [-0.4, 0.5],
               "grad_reference_logps": [-0.1, 0.0], "grad_probabilities": [2.0, 2.0]}},
