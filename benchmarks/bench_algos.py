@@ -1,0 +1,176 @@
+"""Every algorithm on the bundled task, side by side: held-out accuracy, KL to the base model, speed.
+
+    pip install -r requirements.txt -r benchmarks/requirements.txt
+    python benchmarks/bench_algos.py --quick       # each script's defaults, 1 seed, capped steps (~15 min)
+    python benchmarks/bench_algos.py               # 3 seeds x 3 values of each main knob (hours on a CPU)
+    python benchmarks/bench_algos.py --scripts dpo ipo --seeds 1 2
+
+Each run is `python algos/<script>.py --seed S --<knob> V --output-dir ...` in its own process (one at
+a time, so timings do not compete); its saved policy is then scored by benchmarks/arith/evaluate.py
+(greedy and sampled accuracy on the held-out prompts, step correctness, length, KL(policy || base)).
+Outputs, under --out-dir: results.json (every run), results.md (the table: means over seeds),
+frontier.png (sampled accuracy against KL, one curve per algorithm over its knob, as in the DPO
+paper's reward-KL frontier) and curves.png (training loss per step of each default run).
+"""
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import tyro
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+from benchmarks.arith.evaluate import evaluate_policy  # noqa: E402
+
+# script -> (its main regularisation knob, the sweep of the full mode; the middle value is the default)
+KNOBS = {
+    "dpo": ("beta", [0.1, 0.3, 1.0]),
+    "ipo": ("tau", [0.05, 0.1, 0.5]),
+    "simpo": ("beta", [1.0, 2.5, 10.0]),
+    "cpl": ("alpha", [0.05, 0.1, 0.5]),
+    "step_dpo": ("beta", [0.1, 0.3, 1.0]),
+    "kto": ("beta", [0.1, 0.3, 1.0]),
+    "lipo": ("beta", [0.1, 0.3, 1.0]),
+    "nash_md": ("beta", [0.05, 0.1, 0.3]),
+}
+
+
+@dataclass
+class Args:
+    scripts: list[str] = field(default_factory=lambda: list(KNOBS))
+    """which algorithms to run (those missing from algos/ are skipped)"""
+    seeds: list[int] = field(default_factory=lambda: [1, 2, 3])
+    """training seeds of the full mode"""
+    quick: bool = False
+    """each script's own defaults only, one seed, at most --quick-steps steps, a smaller evaluation"""
+    quick_steps: int = 40
+    """the step cap of --quick"""
+    eval_k: int = 8
+    """samples per held-out prompt at temperature 1 (--quick uses 4)"""
+    out_dir: str = str(REPO / "benchmarks/results/algos")
+    """where results, table and plots go (runs under <out-dir>/runs/)"""
+    threads: int = 2
+    """torch CPU threads of each run and of the evaluation"""
+
+
+def run(script: str, extra: list[str], output_dir: Path, threads: int) -> dict:
+    """One training run in its own process: wall time, steps, and peak resident memory (VmHWM)."""
+    command = [sys.executable, str(REPO / "algos" / f"{script}.py"), "--output-dir", str(output_dir), *extra]
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONUNBUFFERED="1")
+    start = time.time()
+    log = open(output_dir.with_suffix(".log"), "w")
+    process = subprocess.Popen(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+    peak_kib = 0
+    while process.poll() is None:
+        try:
+            status = Path(f"/proc/{process.pid}/status").read_text()
+            peak_kib = max(peak_kib, int(status.split("VmHWM:")[1].split()[0]))
+        except (FileNotFoundError, IndexError, ProcessLookupError):
+            pass
+        time.sleep(0.5)
+    seconds = time.time() - start
+    if process.returncode != 0:
+        raise RuntimeError(f"{' '.join(command)} failed; see {output_dir.with_suffix('.log')}")
+    metrics = [json.loads(line) for line in open(output_dir / "metrics.jsonl")]
+    steps = metrics[-1]["step"]
+    return {"seconds": seconds, "steps": steps, "steps_per_second": steps / seconds,
+            "peak_memory_mib": peak_kib / 1024, "metrics": metrics}
+
+
+def table(results: list[dict], base: dict) -> str:
+    lines = ["| script | knob | seeds | greedy acc | sampled acc | step acc | length | KL | wall s | steps/s | peak MiB |",
+             "|---|---|---|---|---|---|---|---|---|---|---|",
+             f"| base model | - | - | {base['greedy_accuracy']:.3f} | {base['sampled_accuracy']:.3f} | "
+             f"{base['sampled_step_accuracy']:.3f} | {base['mean_length']:.1f} | 0 | - | - | - |"]
+    groups = {}
+    for r in results:
+        groups.setdefault((r["script"], r["knob"], r["value"]), []).append(r)
+    for (script, knob, value), runs in groups.items():
+        def mean(key, source="eval"):
+            values = [r[source][key] for r in runs]
+            text = f"{statistics.mean(values):.3f}"
+            return text + (f" ± {statistics.stdev(values):.3f}" if len(values) > 1 else "")
+        knob_text = f"{knob}={value}" if value is not None else "defaults"
+        lines.append(f"| {script} | {knob_text} | {len(runs)} | {mean('greedy_accuracy')} | {mean('sampled_accuracy')} | "
+                     f"{mean('sampled_step_accuracy')} | {statistics.mean(r['eval']['mean_length'] for r in runs):.1f} | "
+                     f"{mean('kl')} | {statistics.mean(r['train']['seconds'] for r in runs):.0f} | "
+                     f"{statistics.mean(r['train']['steps_per_second'] for r in runs):.2f} | "
+                     f"{max(r['train']['peak_memory_mib'] for r in runs):.0f} |")
+    return "\n".join(lines) + "\n"
+
+
+def plots(results: list[dict], base: dict, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    ax.scatter([0], [base["sampled_accuracy"]], color="black", marker="*", s=120, label="base model", zorder=3)
+    for script in dict.fromkeys(r["script"] for r in results):
+        points = {}
+        for r in results:
+            if r["script"] == script:
+                points.setdefault(r["value"], []).append((r["eval"]["kl"], r["eval"]["sampled_accuracy"]))
+        xy = sorted((statistics.mean(p[0] for p in v), statistics.mean(p[1] for p in v)) for v in points.values())
+        ax.plot([p[0] for p in xy], [p[1] for p in xy], marker="o", label=script)
+    ax.set_xlabel("KL(policy || base), nats per completion")
+    ax.set_ylabel("held-out accuracy of samples at temperature 1")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out / "frontier.png", dpi=120)
+
+    defaults = [r for r in results if r["is_default"] and r["seed"] == min(x["seed"] for x in results)]
+    fig, axes = plt.subplots(1, len(defaults), figsize=(3 * len(defaults), 3), squeeze=False)
+    for ax, r in zip(axes[0], defaults):
+        rows = [m for m in r["train"]["metrics"] if "train/loss" in m]
+        ax.plot([m["step"] for m in rows], [m["train/loss"] for m in rows])
+        ax.set_title(r["script"], fontsize=9)
+        ax.set_xlabel("step")
+    axes[0][0].set_ylabel("train/loss")
+    fig.tight_layout()
+    fig.savefig(out / "curves.png", dpi=120)
+
+
+if __name__ == "__main__":
+    args = tyro.cli(Args)
+    out = Path(args.out_dir)
+    (out / "runs").mkdir(parents=True, exist_ok=True)
+    eval_k = 4 if args.quick else args.eval_k
+    start = time.time()
+    base = evaluate_policy(str(REPO / "benchmarks/arith/model"), k=eval_k)
+    print(f"base model: greedy {base['greedy_accuracy']:.3f}, sampled {base['sampled_accuracy']:.3f}")
+    results = []
+    for script in args.scripts:
+        if not (REPO / "algos" / f"{script}.py").exists():
+            print(f"{script}: skipped (no algos/{script}.py)")
+            continue
+        knob, values = KNOBS[script]
+        configs = [(None, 1)] if args.quick else [(v, s) for v in values for s in args.seeds]
+        for value, seed in configs:
+            extra = ["--seed", str(seed)]
+            extra += ["--max-steps", str(args.quick_steps)] if args.quick else []
+            extra += [f"--{knob.replace('_', '-')}", str(value)] if value is not None else []
+            name = f"{script}__{knob}{value}__seed{seed}" if value is not None else f"{script}__defaults__seed{seed}"
+            train = run(script, extra, out / "runs" / name, args.threads)
+            scores = evaluate_policy(str(out / "runs" / name), k=eval_k)
+            results.append({"script": script, "knob": knob, "value": value, "seed": seed, "train": train, "eval": scores,
+                            "is_default": value is None or value == values[len(values) // 2]})
+            print(f"{name}: {train['seconds']:.0f}s, greedy {scores['greedy_accuracy']:.3f}, "
+                  f"sampled {scores['sampled_accuracy']:.3f}, KL {scores['kl']:.2f}")
+            (out / "results.json").write_text(json.dumps({"base": base, "quick": args.quick, "runs": results}, indent=1))
+    text = table(results, base)
+    elapsed = time.time() - start
+    header = (f"Bundled task, {'--quick (defaults, 1 seed, ' + str(args.quick_steps) + ' steps max)' if args.quick else 'full sweep'}; "
+              f"evaluation: {base['n_prompts']} held-out prompts, greedy and {eval_k} samples each; "
+              f"total time {elapsed / 60:.1f} min on {os.cpu_count()} CPU cores\n\n")
+    (out / "results.md").write_text(header + text)
+    plots(results, base, out)
+    print(header + text)
