@@ -1,0 +1,301 @@
+"""Build the bundled arithmetic task from scratch (see README.md in this folder).
+
+    python benchmarks/arith/build.py [--seed 0] [--out-dir benchmarks/arith]
+
+1. a character-level tokenizer with BOS/EOS/pad and a chat template;
+2. the base model: a tiny Llama trained on solutions in which each step's result is replaced by a
+   near miss with probability --error-rate (later steps carry the wrong value on), so that it knows
+   how but is sloppy: often wrong when sampled, less often when greedy;
+3. data from the base model's own samples at temperature 1, graded by the verifier;
+4. a preference model (sequence classification, initialised from the base model) trained on pairs
+   of those samples; its agreement with the verifier on the held-out pairs is reported.
+
+Deterministic given --seed and --threads on one machine with one torch version (different CPUs can
+round differently, which changes the sampled data but not its statistics).
+"""
+
+import json
+import math
+import random
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import tyro
+from tokenizers import Tokenizer, decoders, models, processors
+from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification, PreTrainedTokenizerFast
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # so that it also runs as a script
+from benchmarks.arith import task
+from benchmarks.arith.evaluate import generate
+from benchmarks.arith.preference import preference_logits
+
+# The template reproduces the standard format exactly: a user message becomes the prompt line
+# "Q: ...\n" and an assistant message is the completion as is. It emits neither BOS nor EOS.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] == 'user' %}{{ 'Q: ' + message['content'] + '\\n' }}"
+    "{% elif message['role'] == 'assistant' %}{{ message['content'] }}"
+    "{% else %}{{ raise_exception('only user and assistant messages are supported') }}"
+    "{% endif %}{% endfor %}"
+)
+
+
+@dataclass
+class Args:
+    seed: int = 0
+    """seeds the problems, the initialisations, the training order and the sampling"""
+    out_dir: str = str(Path(__file__).resolve().parent)
+    """where model/, preference_model/, data/ and build_summary.json go"""
+    threads: int = 1
+    """torch CPU threads (fixed, because the thread count can change the rounding; one thread is
+    barely slower for a model this small and does not stall on a busy machine)"""
+    error_rate: float = 0.2
+    """probability that a step of a base-model training solution has a wrong result"""
+    lm_steps: int = 1000
+    """training steps of the base model at most (the horizon of its learning-rate schedule)"""
+    target_greedy: float = 0.7
+    """the base model stops early once its greedy accuracy on 256 validation problems (from the
+    training split), checked every 50 steps in the second half of training, reaches this: late
+    enough for a low learning rate (a sharp model), early enough to stay unreliable"""
+    lm_batch_size: int = 64
+    """fresh problems per base-model step"""
+    lm_lr: float = 5e-3
+    """peak learning rate of the base model (linear warm-up, cosine decay)"""
+    n_train_prompts: int = 2600
+    """training prompts of the preference data"""
+    n_test_prompts: int = 300
+    """test prompts of the preference data"""
+    n_eval_prompts: int = 256
+    """held-out prompts with answers (data/eval.jsonl)"""
+    samples_per_prompt: int = 4
+    """base-model samples per prompt at temperature 1"""
+    pm_steps: int = 200
+    """training steps of the preference model"""
+    pm_batch_size: int = 64
+    """comparisons per preference-model step"""
+    pm_lr: float = 5e-4
+    """peak learning rate of the preference model"""
+
+
+def build_tokenizer() -> PreTrainedTokenizerFast:
+    """One token per printable ASCII character and newline; BOS is prepended, EOS never added."""
+    specials = ["<pad>", "<s>", "</s>", "<unk>"]
+    vocab = {t: i for i, t in enumerate(specials + ["\n"] + [chr(c) for c in range(32, 127)])}
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))  # no merges: characters
+    backend.add_special_tokens(specials)
+    backend.decoder = decoders.Fuse()
+    backend.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", 1)])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                                        unk_token="<unk>", model_max_length=256)
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
+
+
+def noisy_solution(rng: random.Random, operands: list[int], ops: list[str], error_rate: float) -> str:
+    """A solution in which each result is, with probability error_rate, off by 1, 2 or 10."""
+    steps, value = [], operands[0]
+    for op, b in zip(ops, operands[1:]):
+        c = task.apply(value, op, b)
+        if rng.random() < error_rate:
+            delta = rng.choice([1, 2, 10]) * rng.choice([-1, 1])
+            c = c + delta if c + delta >= 0 else c - delta
+        steps.append((value, op, b, c))
+        value = c
+    return task.format_solution(steps)
+
+
+def lm_batch(tokenizer, prompts: list[str], completions: list[str]) -> dict[str, torch.Tensor]:
+    """BOS + prompt + completion + EOS, right-padded; the loss covers the completion and EOS.
+    Tokenising prompt and completion apart is exact with a character-level tokenizer."""
+    rows = []
+    for prompt, completion in zip(prompts, completions):
+        p = tokenizer(prompt).input_ids
+        c = tokenizer(completion, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
+        rows.append((p + c, [-100] * len(p) + c))
+    width = max(len(ids) for ids, _ in rows)
+    pad = lambda x, value: x + [value] * (width - len(x))
+    return {
+        "input_ids": torch.tensor([pad(ids, tokenizer.pad_token_id) for ids, _ in rows]),
+        "attention_mask": torch.tensor([pad([1] * len(ids), 0) for ids, _ in rows]),
+        "labels": torch.tensor([pad(labels, -100) for _, labels in rows]),
+    }
+
+
+def warmup_cosine(steps: int):
+    warmup = max(1, steps // 20)
+    return lambda s: min(1.0, (s + 1) / warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * s / steps)))
+
+
+def greedy_accuracy(model, tokenizer, prompts: list[str]) -> float:
+    model.eval()
+    completions = generate(model, tokenizer, prompts, temperature=0.0)
+    model.train()
+    return sum(task.grade(p, c).answer_correct for p, c in zip(prompts, completions)) / len(prompts)
+
+
+def train_base_model(args: Args, tokenizer) -> LlamaForCausalLM:
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=128, intermediate_size=384, num_hidden_layers=4,
+        num_attention_heads=4, max_position_embeddings=256, tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )
+    model = LlamaForCausalLM(config)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lm_lr, betas=(0.9, 0.95), weight_decay=0.1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(args.lm_steps))
+    rng = random.Random(args.seed + 1)
+    validation = task.sample_distinct_prompts(random.Random(args.seed + 2), 256, "train")
+    model.train()
+    for step in range(args.lm_steps):
+        prompts, completions = [], []
+        while len(prompts) < args.lm_batch_size:
+            operands, ops = task.sample_problem(rng)
+            q = task.question(operands, ops)
+            if task.split_of(q) == "train":  # held-out problems are never seen
+                prompts.append(task.format_prompt(q))
+                completions.append(noisy_solution(rng, operands, ops, args.error_rate))
+        loss = model(**lm_batch(tokenizer, prompts, completions)).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad()
+        if (step + 1) % 50 == 0:
+            accuracy = greedy_accuracy(model, tokenizer, validation) if step + 1 >= args.lm_steps // 2 else math.nan
+            print(f"base model step {step + 1}: loss {loss.item():.4f}, validation greedy accuracy {accuracy:.3f}", flush=True)
+            if accuracy >= args.target_greedy:
+                break
+    return model.eval()
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> None:
+    with open(path, "w") as f:
+        f.writelines(json.dumps(row) + "\n" for row in rows)
+
+
+def make_datasets(rng: random.Random, samples: dict[str, list[str]]) -> dict[str, list[dict]]:
+    """Pairs, unpaired, lists and step pairs from k graded samples per prompt."""
+    out = {"pairs": [], "unpaired": [], "lists": [], "steps": []}
+    for prompt, completions in samples.items():
+        grades = [task.grade(prompt, c) for c in completions]
+        right = [c for c, g in zip(completions, grades) if g.correct]
+        wrong = [c for c, g in zip(completions, grades) if not g.answer_correct]
+        if right and wrong:
+            out["pairs"].append({"prompt": prompt, "chosen": rng.choice(right), "rejected": rng.choice(wrong)})
+        out["unpaired"] += [{"prompt": prompt, "completion": c, "label": g.correct} for c, g in zip(completions, grades)]
+        if len({g.score for g in grades}) > 1:  # a list of equal scores carries no ranking
+            out["lists"].append({"prompt": prompt, "completions": completions, "scores": [g.score for g in grades]})
+        step = step_pair(rng, prompt, completions)
+        if step is not None:
+            out["steps"].append(step)
+    return out
+
+
+def step_pair(rng: random.Random, prompt: str, completions: list[str]) -> dict | None:
+    """The first wrong step of a sample against a correct step of another sample at that point.
+    The steps before a first wrong step are the true steps, so the two samples share them."""
+    first_wrong = [(task.check_steps(prompt, c) + [False]).index(False) for c in completions]
+    n_steps = len(task.parse_problem(prompt)[1])
+    order = list(range(len(completions)))
+    rng.shuffle(order)
+    for r in order:
+        lines = completions[r].split("\n")
+        k = first_wrong[r]
+        if k == n_steps or k >= len(lines) - 1:  # no wrong step, or it is the last line (no "\n")
+            continue
+        good = [i for i in order if first_wrong[i] > k]
+        if good:
+            return {"prompt": prompt, "initial_reason_steps": "".join(line + "\n" for line in lines[:k]),
+                    "chosen": completions[good[0]].split("\n")[k] + "\n", "rejected": lines[k] + "\n"}
+    return None
+
+
+def train_preference_model(args: Args, model_dir: Path, tokenizer, samples: dict[str, list[str]]):
+    """All ordered pairs of distinct samples of a training prompt, with the verifier's verdict as
+    a soft target: 1 if the first scores higher, 0 if lower, 1/2 on a tie (both orders are in)."""
+    comparisons = []
+    for prompt, completions in samples.items():
+        scores = [task.grade(prompt, c).score for c in completions]
+        for i, (a, sa) in enumerate(zip(completions, scores)):
+            for j, (b, sb) in enumerate(zip(completions, scores)):
+                if i != j:
+                    comparisons.append((prompt, a, b, 1.0 if sa > sb else 0.0 if sa < sb else 0.5))
+    model = LlamaForSequenceClassification.from_pretrained(model_dir, num_labels=1)  # a fresh score head
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.pm_lr, weight_decay=0.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(args.pm_steps))
+    rng = random.Random(args.seed + 3)
+    model.train()
+    for step in range(args.pm_steps):
+        prompts, a, b, target = zip(*rng.sample(comparisons, args.pm_batch_size))
+        logits = preference_logits(model, tokenizer, list(prompts), list(a), list(b))
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, torch.tensor(target))
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad()
+        if step % 50 == 0 or step == args.pm_steps - 1:
+            print(f"preference model step {step}: loss {loss.item():.4f}", flush=True)
+    return model.eval()
+
+
+@torch.no_grad()
+def agreement(model, tokenizer, pairs: list[dict]) -> float:
+    """Fraction of held-out pairs, in both orders, where the model agrees with the verifier."""
+    prompts, chosen, rejected = ([p[key] for p in pairs] for key in ("prompt", "chosen", "rejected"))
+    forward = preference_logits(model, tokenizer, prompts, chosen, rejected)
+    backward = preference_logits(model, tokenizer, prompts, rejected, chosen)
+    return ((forward > 0).float().mean().item() + (backward < 0).float().mean().item()) / 2
+
+
+def main(args: Args) -> None:
+    start = time.time()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    out = Path(args.out_dir)
+    (out / "data").mkdir(parents=True, exist_ok=True)
+
+    rng = random.Random(args.seed)
+    prompts = {split: task.sample_distinct_prompts(rng, n, split) for split, n in
+               [("eval", args.n_eval_prompts), ("test", args.n_test_prompts), ("train", args.n_train_prompts)]}
+
+    tokenizer = build_tokenizer()
+    for name in ("model", "preference_model"):  # saved before use: padding calls change its state
+        tokenizer.save_pretrained(out / name)
+    model = train_base_model(args, tokenizer)
+    model.save_pretrained(out / "model")
+    print(f"base model: {model.num_parameters()} parameters, {time.time() - start:.0f} s", flush=True)
+
+    samples, datasets, sizes = {}, {}, {}
+    k = args.samples_per_prompt
+    for split in ("train", "test"):
+        texts = generate(model, tokenizer, [p for p in prompts[split] for _ in range(k)], temperature=1.0)
+        samples[split] = {p: texts[i * k:(i + 1) * k] for i, p in enumerate(prompts[split])}
+        datasets |= {f"{name}_{split}": rows for name, rows in make_datasets(rng, samples[split]).items()}
+        datasets[f"prompts_{split}"] = [{"prompt": p} for p in prompts[split]]
+    datasets["eval"] = [{"prompt": p, "answer": task.solve(*task.parse_problem(p))[-1][3]} for p in prompts["eval"]]
+    # the chat-template path: the first test pairs as message lists
+    datasets["pairs_conversational_test"] = [
+        {"prompt": [{"role": "user", "content": r["prompt"][len("Q: "):-1]}],
+         "chosen": [{"role": "assistant", "content": r["chosen"]}],
+         "rejected": [{"role": "assistant", "content": r["rejected"]}]} for r in datasets["pairs_test"][:50]]
+    for name, rows in datasets.items():
+        write_jsonl(out / "data" / f"{name}.jsonl", rows)
+        sizes[name] = len(rows)
+    for split in ("train", "test"):
+        sizes[f"unpaired_{split}_desirable"] = sum(r["label"] for r in datasets[f"unpaired_{split}"])
+    print(f"data: {sizes}, {time.time() - start:.0f} s", flush=True)
+
+    preference_model = train_preference_model(args, out / "model", tokenizer, samples["train"])
+    preference_model.save_pretrained(out / "preference_model")
+    summary = {"args": asdict(args), "base_model_parameters": model.num_parameters(), "sizes": sizes,
+               "preference_model_agreement": agreement(preference_model, tokenizer, datasets["pairs_test"]),
+               "build_seconds": round(time.time() - start)}
+    (out / "build_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    print(json.dumps(summary, indent=2))
+
+
+if __name__ == "__main__":
+    main(tyro.cli(Args))
