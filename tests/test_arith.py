@@ -171,6 +171,9 @@ def test_preference_model_loads_and_mostly_agrees_with_the_verifier():
     tokenizer = AutoTokenizer.from_pretrained(ARITH / "preference_model")
     model = AutoModelForSequenceClassification.from_pretrained(ARITH / "preference_model").eval()
     pairs = read("pairs_test")[:64]
+    prompts, chosen, rejected = ([p[k] for p in pairs] for k in ("prompt", "chosen", "rejected"))
     with torch.no_grad():
-        logits = preference_logits(model, tokenizer, *([p[k] for p in pairs] for k in ("prompt", "chosen", "rejected")))
-    assert logits.shape == (len(pairs),) and (logits > 0).float().mean() > 0.6
+        forward = preference_logits(model, tokenizer, prompts, chosen, rejected)
+        backward = preference_logits(model, tokenizer, prompts, rejected, chosen)
+    assert forward.shape == (len(pairs),)
+    assert ((forward > 0).float().mean() + (backward < 0).float().mean()) / 2 > 0.6
