@@ -1,15 +1,18 @@
 """Our scripts against TRL: the same model, data, batch and hyperparameters through both, side by side.
 
     pip install -r requirements.txt -r benchmarks/requirements-trl.txt     # TRL is needed here only
-    python benchmarks/compare_trl.py                    # dpo ipo simpo kto nash_md (~3 min on 2 CPU cores)
+    python benchmarks/compare_trl.py       # all: 2.5 CPU-minutes (8 min wall on a busy 2-core machine)
     python benchmarks/compare_trl.py --algos dpo ipo --steps 20
 
 For each algorithm that TRL 1.16 also implements: DPO and IPO (`trl.DPOTrainer`, loss_type ["sigmoid"] and
 ["ipo"]), SimPO (`trl.experimental.cpo.CPOTrainer`, loss_type "simpo", cpo_alpha 0) and KTO (`trl.KTOTrainer`).
 Nash-MD is listed but skipped when TRL has no Nash-MD trainer (1.16 has none: checked at run time, see the
 output). The hyperparameters are each script's own defaults (`algos/<x>.py`'s `Args`), translated to TRL's
-names; everything else is set equal on both sides (float32 on the CPU, no dropout, AdamW with TRL's defaults,
-constant learning rate without warm-up, gradient clipping at 1, no gradient checkpointing).
+names (SimPO: TRL's simpo_gamma = our beta x gamma_beta_ratio, cpo_alpha = our sft_weight; IPO: TRL's beta is τ).
+Everything else is set equal on both sides: float32 on the CPU, no dropout, torch.optim.AdamW with its default
+betas and eps and no weight decay (TRL's optim "adamw_torch", not its default fused variant), a constant
+learning rate without warm-up, gradient clipping at 1, no gradient checkpointing, no mixed precision (TRL's
+configs default to bf16 and gradient checkpointing: both are switched off), the same maximum length.
 
 What is compared, per algorithm:
 0. Tokens. Every example of the fixed batch and of the training subset is tokenized by our script
@@ -26,15 +29,16 @@ What is compared, per algorithm:
    `--num-fixed` examples of the test split are one batch. Our side calls the script's own pure functions
    (`prepare_dataset`, then `evaluate`, i.e. `compute_loss` on `collate`d rows); TRL's side is the trainer's
    public `evaluate()` on the same examples. Each logged metric is printed side by side with |ours - TRL|.
-   Where a metric is defined differently (IPO's rewards, KTO's KL pairs) the row is marked "by definition"
-   and a second row recomputes it in TRL's convention from our log-probs or with TRL's pairing, which must
-   then agree.
+   Where a metric is defined differently (IPO's rewards and accuracies, SimPO's logps, KTO's margins and the
+   pairs of its KL estimate) the row is marked "by definition" and explained, and a second row computes the
+   same quantity in TRL's definition (from our log-probs, or with KTO's batch reversed so that TRL's
+   mismatched pairs are ours), which must then agree.
    Tolerance: |ours - TRL| <= 1e-5 + 1e-5 * |TRL|. Both sides run the same float32 model on the same token
-   ids, so they differ only in rounding: the order of the sums, and the log-softmax (our `kernels.logprobs`
-   against TRL's chunked fused LM head). The unit roundoff of float32 is 6e-8 and a sequence log-prob sums
-   about 50 per-token terms of magnitude ~3, so rounding moves it by ~1e-5 relative at most; any real
-   difference (one token more or less, a different normalisation, a missing term) moves the loss or a
-   log-prob by 1e-2 or more.
+   ids (checked exactly in 0, not through this tolerance), so they differ only in rounding: the order of
+   the sums, and the log-softmax (our `kernels.logprobs` against TRL's chunked fused LM head). The unit
+   roundoff of float32 is 6e-8 and a sequence log-prob is a sum of ~50-100 per-token terms computed along
+   different paths, so the two can differ by ~1e-6 relative; the tolerance leaves ten times that. A real
+   difference in the loss (a normalisation, a sign, a missing term, another β) moves it by far more.
 2. Loss of the first training steps (a2). `--steps` optimiser steps of `--batch-size` examples, in the same
    order on both sides: our script is run as is (`python algos/<x>.py`, here through runpy) on a training
    subset, its own seeded permutation (`global_batches`) is read back and the TRL trainer gets the subset in
@@ -92,7 +96,7 @@ class Args:
     """the bundled data: pairs_{train,test}.jsonl and unpaired_{train,test}.jsonl"""
     num_fixed: int = 64
     """examples of the test split in the fixed batch of comparison 1 (one batch, on both sides)"""
-    perturb_scale: float = 0.05
+    perturb_scale: float = 0.3
     """the fixed-batch policy is the base model plus this times N(0, std of each weight tensor)"""
     steps: int = 20
     """optimiser steps of comparisons 2 and 3"""
@@ -475,7 +479,8 @@ def worker(spec_path: str) -> None:
     steps = [b - a for a, b in zip(stamps, stamps[1:])]
     result = {"side": spec["side"], "losses": losses, "step_seconds": steps, "optimizer_steps": len(stamps),
               "rss_after_imports_mb": rss_imports,
-              "rss_after_step_1_mb": FIRST_STEP_RSS[0] if FIRST_STEP_RSS else None, "peak_rss_mb": rss_mb("VmHWM"), "wall_seconds": wall,
+              "rss_after_step_1_mb": FIRST_STEP_RSS[0] if FIRST_STEP_RSS else None, "peak_rss_mb": rss_mb("VmHWM"),
+              "wall_seconds": wall,
               "tokens": tokens}
     Path(spec["result"]).write_text(json.dumps(result))
 
@@ -490,7 +495,8 @@ def run_worker(spec: dict, tmp: Path, threads: int) -> dict:
     process = subprocess.run([sys.executable, __file__, "_worker", str(path)], env=env, cwd=REPO,
                              capture_output=True, text=True)
     if process.returncode != 0:
-        raise RuntimeError(f"{spec['side']} run of {spec['algo']} failed:\n{process.stdout[-3000:]}\n{process.stderr[-5000:]}")
+        raise RuntimeError(f"{spec['side']} run of {spec['algo']} failed:\n{process.stdout[-3000:]}\n"
+                           f"{process.stderr[-5000:]}")
     return json.loads(Path(spec["result"]).read_text())
 
 
@@ -610,7 +616,9 @@ def compare_algo(algo: str, args: Args, tmp: Path, perturbed_dir: str) -> dict:
         aligned, _ = trl_fixed_batch(algo, hp, policy_dir, reference_dir, args, reversed_data, tmp)
         variants, theirs = {"TRL as is": theirs}, aligned
     rows, only_trl, only_ours = compare_metrics(ours, theirs, extra, NOTES.get(algo, {}), variants)
-    result["fixed_batch"] = {"examples": len(data), "policy": policy_dir, "reference": reference_dir, "rows": rows,
+    roles = {"kto": ("base", "perturbed base"), "simpo": ("perturbed base", "none (reference-free)")}.get(
+        algo, ("perturbed base", "base"))
+    result["fixed_batch"] = {"examples": len(data), "policy": roles[0], "reference": roles[1], "rows": rows,
                              "only_in_trl": only_trl, "only_in_ours": only_ours,
                              "tokens": compare_tokens(our_rows, trl_rows), "seconds": time.perf_counter() - t0}
     print(f"  {algo} fixed batch: {time.perf_counter() - t0:.1f} s", flush=True)
@@ -637,9 +645,10 @@ def conversational_tokens(args: Args, tmp: Path) -> dict | None:
     result = compare_tokens(ours, theirs)
     bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
     result["trl_prompts_starting_with_bos"] = sum(r["prompt_ids"][:1] == [bos] for r in theirs)
-    result["trl_completions_ending_with_eos"] = sum(r[k][-1:] == [eos] for r in theirs for k in ("chosen_ids", "rejected_ids"))
+    completions = ("chosen_ids", "rejected_ids")
+    result["trl_completions_ending_with_eos"] = sum(r[k][-1:] == [eos] for r in theirs for k in completions)
     result["ours_prompts_starting_with_bos"] = sum(r["prompt_ids"][:1] == [bos] for r in ours)
-    result["ours_completions_ending_with_eos"] = sum(r[k][-1:] == [eos] for r in ours for k in ("chosen_ids", "rejected_ids"))
+    result["ours_completions_ending_with_eos"] = sum(r[k][-1:] == [eos] for r in ours for k in completions)
     return result
 
 
@@ -665,6 +674,8 @@ def markdown(report: dict) -> str:
              f"{report['environment']['loadavg']} at the start), {report['args']['threads']} thread(s) per process. "
              "Method, tolerances and their reasons: the docstring of benchmarks/compare_trl.py.", "",
              "## Summary", "",
+             "Tokens: fixed-batch + training-subset examples. Times: median seconds per optimiser step; the machine is "
+             "shared, so read the ratio (same run, same machine), not the absolute times.", "",
              "| algorithm | TRL trainer | tokens identical | fixed-batch loss: ours / TRL / abs diff | all fixed-batch "
              "metrics | first-steps loss: max abs diff | s/step ours | s/step TRL | TRL / ours | peak RSS MiB ours / TRL |",
              "|---|---|---|---|---|---|---|---|---|---|"]
@@ -680,9 +691,10 @@ def markdown(report: dict) -> str:
         agree = "all within tolerance" if "DIFFERS" not in verdicts else "SOME DIFFER"
         if "by definition" in verdicts:
             agree += " (some by definition, see below)"
-        tok = fb["tokens"]
+        tok, tok_train = fb["tokens"], tr["tokens"]
+        same = tok["differing"] == 0 and tok_train["differing"] == 0
         lines.append(
-            f"| {algo} | {trainers[algo]} | {'yes' if tok['differing'] == 0 else 'NO'} ({tok['examples']}) | "
+            f"| {algo} | {trainers[algo]} | {'yes' if same else 'NO'} ({tok['examples']} + {tok_train['examples']}) | "
             f"{fmt(loss['ours'])} / {fmt(loss['trl'])} / {fmt(loss['abs_diff'])} | {agree} | {fmt(tr['max_abs_diff'])} "
             f"over {len(tr['steps'])} steps | {fmt(sp['ours']['median_step_s'], 3)} | {fmt(sp['trl']['median_step_s'], 3)} | "
             f"{sp['trl_over_ours_step_time']:.2f} | {sp['ours']['peak_rss_mb']:.0f} / {sp['trl']['peak_rss_mb']:.0f} |")
@@ -705,7 +717,8 @@ def markdown(report: dict) -> str:
                   + (f"; first difference {fb['tokens']['first_difference']}" if fb['tokens']['first_difference'] else "")
                   + f"; training subset: {tr.get('tokens', {}).get('differing', '-')} of "
                   f"{tr.get('tokens', {}).get('examples', '-')} differ.", "",
-                  f"Fixed batch ({fb['examples']} examples of the test split, perturbed policy against the base model):",
+                  f"Fixed batch ({fb['examples']} examples of the test split; policy: {fb['policy']}, reference: "
+                  f"{fb['reference']}):",
                   "", "| metric | ours | TRL | abs diff | tolerance | verdict | note |", "|---|---|---|---|---|---|---|"]
         for x in fb["rows"]:
             lines.append(f"| {x['metric']} | {fmt(x['ours'])} | {fmt(x['trl'])} | {fmt(x['abs_diff'])} | {fmt(x['tol'])} | "
@@ -730,8 +743,21 @@ def markdown(report: dict) -> str:
             lines.append(f"| {side} | {s['median_step_s']:.4f} | {s['mean_step_s']:.4f} | {s['timed_steps']} | "
                          f"{s['rss_after_imports_mb']:.0f} | {s['rss_after_step_1_mb']:.0f} | {s['peak_rss_mb']:.0f} | "
                          f"{s['wall_s']:.1f} |")
-        lines += ["", f"TRL / ours: step time {sp['trl_over_ours_step_time']:.2f}, peak RSS {sp['trl_over_ours_peak_rss']:.2f}."]
+        lines += ["", f"TRL / ours: step time {sp['trl_over_ours_step_time']:.2f}, "
+                  f"peak RSS {sp['trl_over_ours_peak_rss']:.2f}."]
     return "\n".join(lines) + "\n"
+
+
+def inputs_digest(args: Args) -> dict[str, str]:
+    """sha256 (first 16 hex digits) of the model weights and data files compared, so that a result can be traced
+    to the bundled task it was measured on."""
+    import hashlib
+
+    paths = [Path(args.model_dir) / "model.safetensors"] + [
+        Path(args.data_dir) / f"{kind}_{split}.jsonl" for kind in ("pairs", "unpaired") for split in ("train", "test")
+    ] + [Path(args.data_dir) / "pairs_conversational_test.jsonl"]
+    return {str(path.relative_to(REPO) if path.is_relative_to(REPO) else path):
+            hashlib.sha256(path.read_bytes()).hexdigest()[:16] for path in paths if path.is_file()}
 
 
 def main(args: Args) -> None:
@@ -748,12 +774,13 @@ def main(args: Args) -> None:
     start = time.time()
     tmp = Path(tempfile.mkdtemp(prefix="compare_trl_"))
     report = {
-        "command": "python benchmarks/compare_trl.py " + " ".join(sys.argv[1:]),
+        "command": " ".join(["python benchmarks/compare_trl.py"] + sys.argv[1:]),
         "args": asdict(args),
         "tolerances": {"fixed_batch": f"|ours - TRL| <= {FIXED_ATOL} + {FIXED_RTOL} * |TRL|", "first_steps": STEP_ATOL},
         "environment": {"date": time.strftime("%Y-%m-%d"), "trl": trl.__version__, "transformers": transformers.__version__,
                         "torch": torch.__version__, "python": platform.python_version(), "cpu_count": os.cpu_count(),
                         "loadavg": " ".join(f"{x:.1f}" for x in os.getloadavg())},
+        "inputs_sha256": inputs_digest(args),
         "algorithms": {},
     }
     try:
