@@ -184,3 +184,18 @@ LOSSES = {
                              "cases": TABULAR_CASES},
     "geometric_mixture": {"reference": geometric_mixture, "outputs": ["logps"], "cases": MIXTURE_CASES},
 }
+
+# The end-to-end golden: a few steps on the bundled task. One process with 2 accumulated micro-batches of 2
+# prompts, and torchrun with 2 processes of 2 prompts each: the same global batch of 4, the same samples (each
+# completion's noise comes from its own generator). Short completions (16 tokens) keep the sampling, and the
+# evaluation on the 300 test prompts, to a few seconds; a learning rate larger than the default so that 3 steps
+# move every metric well above float noise.
+RUN = {
+    "script": "algos/nash_md.py",
+    "args": ["--max-steps", "3", "--per-device-train-batch-size", "2", "--gradient-accumulation-steps", "2",
+             "--max-new-tokens", "16", "--learning-rate", "1e-4", "--warmup-ratio", "0", "--logging-steps", "1",
+             "--eval-steps", "3", "--tau", "0.1", "--mixture-coef", "0.25"],
+    "torchrun_args": ["--max-steps", "3", "--per-device-train-batch-size", "2", "--gradient-accumulation-steps", "1",
+                      "--max-new-tokens", "16", "--learning-rate", "1e-4", "--warmup-ratio", "0", "--logging-steps",
+                      "1", "--eval-steps", "3", "--tau", "0.1", "--mixture-coef", "0.25"],
+}
