@@ -14,7 +14,7 @@ Tolerances, and why:
 
 import os
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ.setdefault("TRITON_INTERPRET", "1")  # also in conftest.py, for runs of this file alone
 
 import pytest
 import torch
