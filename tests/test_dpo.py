@@ -73,6 +73,14 @@ def test_conversational_format_gives_the_same_tokens(tokenizer):
     assert row(tokenizer, CONVERSATION) == row(tokenizer, EXAMPLE)
 
 
+def test_implicit_prompt_is_the_shared_leading_messages(tokenizer):
+    implicit = {"chosen": CONVERSATION["prompt"] + CONVERSATION["chosen"],
+                "rejected": CONVERSATION["prompt"] + CONVERSATION["rejected"]}
+    assert row(tokenizer, implicit) == row(tokenizer, EXAMPLE)
+    assert row(tokenizer, {**implicit, "prompt": "a plain-text copy"}) == row(tokenizer, EXAMPLE)
+    assert prepare_dataset(dataset(implicit), tokenizer, 100, Args())[0] == row(tokenizer, EXAMPLE)
+
+
 def test_template_that_writes_bos_and_eos_gets_neither_twice():
     tokenizer = make_tokenizer(SPECIAL_TEMPLATE)
     r = row(tokenizer, CONVERSATION)
