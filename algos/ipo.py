@@ -1,7 +1,7 @@
 """Identity Preference Optimisation (IPO), in one file.
 
-Paper: Azar, Guo, Piot, Munos, Rowland, Valko, Calandriello, "A General Theoretical Paradigm to Understand
-Learning from Human Preferences", AISTATS 2024, arXiv:2310.12036.
+Paper: Gheshlaghi Azar, Rowland, Piot, Guo, Calandriello, Valko, Munos, "A General Theoretical Paradigm to
+Understand Learning from Human Preferences", AISTATS 2024, arXiv:2310.12036.
 
 Idea. DPO fits the Bradley-Terry model, and when a preference is (nearly) always observed its log-odds are
 infinite: DPO then drives the log-ratio gap between the two completions to infinity, whatever β, and the KL
@@ -101,6 +101,8 @@ class Args:
     """if toggled, `torch.use_deterministic_algorithms`: same seed, same machine, same numbers"""
     cuda: bool = True
     """if toggled, use CUDA when it is available"""
+    threads: int | None = 1
+    """torch CPU threads; 1 is fastest for the bundled tiny model (None: torch's default, all cores)"""
     track: bool = False
     """if toggled, also log to Weights & Biases"""
     wandb_project_name: str = "preference-algos"
@@ -141,8 +143,6 @@ class Args:
     """the learning-rate schedule after warm-up"""
     warmup_ratio: float = 0.1
     """fraction of the optimiser steps spent warming the learning rate up linearly from 0"""
-    weight_decay: float = 0.0
-    """AdamW weight decay"""
     max_grad_norm: float = 1.0
     """clip the global gradient norm to this (inf: no clipping)"""
     per_device_train_batch_size: int = 8
@@ -222,6 +222,18 @@ def is_conversational(value) -> bool:
     return isinstance(value, list) and len(value) > 0 and isinstance(value[0], dict) and "role" in value[0]
 
 
+def extract_prompt(example: dict) -> dict:
+    """TRL's implicit-prompt format (chosen and rejected are whole conversations, no conversational prompt
+    column): the leading messages they share become the prompt."""
+    chosen, rejected = example["chosen"], example["rejected"]
+    if not is_conversational(chosen) or is_conversational(example.get("prompt")):
+        return example
+    shared = 0
+    while shared < min(len(chosen), len(rejected)) and chosen[shared] == rejected[shared]:
+        shared += 1
+    return {**example, "prompt": chosen[:shared], "chosen": chosen[shared:], "rejected": rejected[shared:]}
+
+
 def apply_chat_template(tokenizer, prompt: list, completions: list[list]) -> tuple[str, list[str]]:
     """Render a conversational prompt with the generation prompt, and each completion as the rendered
     prompt + completion conversation minus the rendered prompt."""
@@ -276,6 +288,7 @@ def truncate(prompt_ids: list[int], completions_ids: list[list[int]], max_length
 
 def tokenize_row(example: dict, tokenizer, max_length, max_prompt_length, truncation_mode) -> dict:
     """A preference example, standard or conversational -> token ids of prompt, chosen and rejected."""
+    example = extract_prompt(example)
     prompt, completions = example["prompt"], [example["chosen"], example["rejected"]]
     if is_conversational(prompt):
         prompt, completions = apply_chat_template(tokenizer, prompt, completions)
@@ -293,10 +306,12 @@ def prepare_dataset(dataset: Dataset, tokenizer, vocab_size: int, args: Args, na
     """Check a preference dataset and tokenize it into a list of `tokenize_row` rows."""
     columns = ["prompt", "chosen", "rejected"]
     missing = [column for column in columns if column not in dataset.column_names]
+    if missing == ["prompt"] and len(dataset) > 0 and is_conversational(dataset[0]["chosen"]):
+        missing = []  # implicit prompt, see extract_prompt
     if missing:
         raise ValueError(f"{name} lacks the column(s) {missing}: it has {dataset.column_names}, and IPO needs "
-                         f"{columns} (TRL's preference format with an explicit prompt, as strings or lists of "
-                         "messages): rename the columns, or move the shared prompt out of chosen/rejected")
+                         f"{columns} in one of TRL's preference formats (strings, or lists of messages where "
+                         "the prompt may stay inside chosen and rejected): rename the columns")
     if len(dataset) == 0:
         raise ValueError(f"{name} is empty: check --dataset-name and the split")
     rows = []
@@ -450,6 +465,8 @@ if __name__ == "__main__":
     is_main = rank == 0
 
     # seeding
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
@@ -509,7 +526,7 @@ if __name__ == "__main__":
     if steps_per_epoch == 0:
         raise ValueError(f"the train split has {len(train_rows)} pairs, less than a global batch ({global_batch_size})")
     total_steps = args.max_steps if args.max_steps is not None else args.num_train_epochs * steps_per_epoch
-    optimizer = torch.optim.AdamW(policy.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=args.learning_rate, weight_decay=0.0)
     scheduler = get_scheduler(args.lr_scheduler_type, optimizer, round(args.warmup_ratio * total_steps), total_steps)
     if is_main:
         print(f"{run_name}: {len(train_rows)} train and {len(eval_rows)} test pairs; {total_steps} steps of "
