@@ -81,6 +81,8 @@ import torch.distributed as dist
 import transformers
 import tyro
 from datasets import Dataset, load_dataset
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from torch.distributed.fsdp import fully_shard
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
@@ -88,7 +90,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, get_scheduler
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)  # `kernels` lives at the repository root, next to algos/
-from kernels import logprobs  # noqa: E402
+from kernels import linear_logprobs, logprobs  # noqa: E402
 
 
 @dataclass
@@ -120,6 +122,23 @@ class Args:
     """if toggled, run forward passes under bfloat16 autocast (GPU)"""
     gradient_checkpointing: bool = False
     """if toggled, recompute activations in the backward pass to save memory"""
+    fsdp: bool = False
+    """if toggled, shard the policy and the reference over the processes with FSDP2 (each decoder layer, then
+    the root) instead of replicating them with DDP; needs torchrun (--nproc_per_node 1 for one process)"""
+    lora: bool = False
+    """if toggled, train LoRA adapters (peft) instead of all weights; the reference is then the base model
+    with the adapters disabled (no second copy), and the adapter is what gets saved"""
+    lora_r: int = 16
+    """the rank of the LoRA updates"""
+    lora_alpha: int = 32
+    """LoRA's scale numerator: the updates are scaled by lora_alpha / lora_r"""
+    lora_dropout: float = 0.0
+    """dropout on the input of the LoRA updates"""
+    lora_target_modules: tuple[str, ...] = ("all-linear",)
+    """the module names that get adapters (e.g. q_proj v_proj), or all-linear: every linear layer but lm_head"""
+    fused_linear: bool = False
+    """if toggled, get the log-probs from the last hidden states and lm_head's weight chunk by chunk
+    (kernels.linear_logprobs), never holding the full logits: less memory for large vocabularies"""
 
     dataset_name: str = os.path.join(REPO, "benchmarks/arith/data/pairs_{split}.jsonl")
     """a hub id or a local .json/.jsonl/.parquet file; `{split}` in a file name is replaced by the split
@@ -349,10 +368,31 @@ def collate(rows: list[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
     return batch
 
 
-def batch_logps(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+def forward_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, fused_linear: bool = False):
+    """The (N, T, V) logits of a forward pass; with fused_linear instead the pair (last hidden states (N, T, H),
+    lm_head weight (V, H)), which `shifted_logprobs` projects chunk by chunk. Both go through the model's own
+    forward (with no logits to keep), so that DDP syncs the gradients and FSDP gathers the parameters."""
+    if not fused_linear:
+        return model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+    no_logits = torch.empty(0, dtype=torch.long, device=input_ids.device)
+    output = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, output_hidden_states=True,
+                   logits_to_keep=no_logits)
+    return output.hidden_states[-1], (model.module if isinstance(model, DDP) else model).get_output_embeddings().weight
+
+
+def shifted_logprobs(logits, labels: torch.Tensor) -> torch.Tensor:
+    """(N, T-1) float32 log π(y_t | x, y_<t) of each label: the logits at position t predict token t + 1.
+    `logits` as `forward_logits` returns them: a tensor, or (hidden, weight) for kernels.linear_logprobs."""
+    if isinstance(logits, tuple):
+        hidden, weight = logits
+        return linear_logprobs(hidden[:, :-1], weight, labels[:, 1:])
+    return logprobs(logits[:, :-1], labels[:, 1:])
+
+
+def batch_logps(logits, labels: torch.Tensor) -> torch.Tensor:
     """(N,) float32 sums of log π(y_t | x, y_<t) over the completion tokens. The logits at position t
     predict token t + 1, hence the shift; labels are -100 on prompt and padding, which count 0."""
-    return logprobs(logits[:, :-1], labels[:, 1:]).sum(-1)
+    return shifted_logprobs(logits, labels).sum(-1)
 
 
 def completion_lengths(labels: torch.Tensor) -> torch.Tensor:
@@ -360,21 +400,21 @@ def completion_lengths(labels: torch.Tensor) -> torch.Tensor:
     return (labels[:, 1:] != -100).sum(-1)
 
 
-def concatenated_forward(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+def concatenated_forward(model, batch: dict, fused_linear: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Chosen and rejected in one forward pass: the (B,) completion log-probs of each."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+    logits = forward_logits(model, batch["input_ids"], batch["attention_mask"], fused_linear)
     return batch_logps(logits, batch["labels"]).chunk(2)
 
 
 def compute_loss(model, ref_model, batch: dict, args: Args) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The mean loss of a batch, and the sums over its pairs of the logged metrics."""
-    policy_chosen_logps, policy_rejected_logps = concatenated_forward(model, batch)
+    policy_chosen_logps, policy_rejected_logps = concatenated_forward(model, batch, args.fused_linear)
     if ref_model is None:  # precomputed
         reference_chosen_logps = batch["reference_chosen_logps"]
         reference_rejected_logps = batch["reference_rejected_logps"]
     else:
         with torch.no_grad():
-            reference_chosen_logps, reference_rejected_logps = concatenated_forward(ref_model, batch)
+            reference_chosen_logps, reference_rejected_logps = concatenated_forward(ref_model, batch, args.fused_linear)
     chosen_lengths, rejected_lengths = completion_lengths(batch["labels"]).chunk(2)
     losses, chosen_rewards, rejected_rewards = ipo_loss(
         policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps,
@@ -436,7 +476,7 @@ def precompute_ref_logps(ref_model, rows: list[dict], args: Args, pad_token_id, 
         chunk = indices[start : start + args.per_device_eval_batch_size]
         batch = {k: v.to(device) for k, v in collate([rows[i] for i in chunk], pad_token_id).items()}
         with autocast:
-            chosen, rejected = concatenated_forward(ref_model, batch)
+            chosen, rejected = concatenated_forward(ref_model, batch, args.fused_linear)
         mine.update(zip(chunk, zip(chosen.tolist(), rejected.tolist())))
     shares = [mine]
     if dist.is_initialized():
@@ -445,6 +485,58 @@ def precompute_ref_logps(ref_model, rows: list[dict], args: Args, pad_token_id, 
     for share in shares:
         for i, (chosen, rejected) in share.items():
             rows[i]["reference_chosen_logps"], rows[i]["reference_rejected_logps"] = chosen, rejected
+
+
+class AdaptersDisabled:
+    """The reference of a --lora run: the policy called with its adapters disabled (and in eval mode), i.e. the
+    base model, without a second copy of its weights. Other attributes are the policy's."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def __call__(self, **kwargs):
+        training = self.model.training
+        self.model.eval()
+        with self.model.disable_adapter():
+            output = self.model(**kwargs)
+        self.model.train(training)
+        return output
+
+    def __getattr__(self, name):
+        return getattr(self.model, name)
+
+
+def lora_target_modules(names: tuple[str, ...]) -> str | list[str]:
+    """--lora-target-modules for peft: "all-linear" is peft's shorthand only as a plain string."""
+    return "all-linear" if names == ("all-linear",) else list(names)
+
+
+@torch.no_grad()
+def check_fused_linear(model, device) -> None:
+    """--fused-linear computes the logits as hidden @ lm_head.weight.T: raise unless the model's own forward does
+    just that (no bias, no adapter on lm_head, no logit scaling or soft-capping), checked on a few tokens."""
+    head = model.get_output_embeddings()
+    input_ids = torch.arange(8, device=device)[None] % head.weight.shape[0]
+    attention_mask = torch.ones_like(input_ids)
+    logits = forward_logits(model, input_ids, attention_mask)
+    hidden, weight = forward_logits(model, input_ids, attention_mask, fused_linear=True)
+    plain = type(head) is torch.nn.Linear and head.bias is None
+    if not plain or getattr(model.config, "final_logit_softcapping", None) or not torch.allclose(
+        hidden @ weight.T, logits, rtol=1e-3, atol=1e-4
+    ):
+        raise ValueError(f"--fused-linear: the logits of {type(model).__name__} are not its last hidden states "
+                         "times lm_head.weight (a bias, an adapter on lm_head, logit scaling or soft-capping)")
+
+
+def shard(model) -> None:
+    """FSDP2: shard each decoder layer (the classes the model lists in `_no_split_modules`), innermost first, then
+    the rest at the root, so that a layer's full parameters exist only while it runs."""
+    if not model._no_split_modules:
+        raise ValueError(f"--fsdp: {type(model).__name__} lists no decoder layer classes (_no_split_modules)")
+    for module in reversed(list(model.modules())):
+        if type(module).__name__ in model._no_split_modules:
+            fully_shard(module)
+    fully_shard(model)
 
 
 if __name__ == "__main__":
@@ -460,7 +552,10 @@ if __name__ == "__main__":
     device = torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
     if use_cuda:
         torch.cuda.set_device(device)
-    if world_size > 1:
+    if args.fsdp and "RANK" not in os.environ:
+        raise ValueError("--fsdp shards over the processes torchrun starts: launch with torchrun "
+                         "(--nproc_per_node 1 for one process)")
+    if world_size > 1 or args.fsdp:
         dist.init_process_group("nccl" if use_cuda else "gloo")
     is_main = rank == 0
 
@@ -491,7 +586,8 @@ if __name__ == "__main__":
         writer.add_text("hyperparameters", f"|param|value|\n|-|-|\n{table}")
         metrics_file = open(os.path.join(output_dir, "metrics.jsonl"), "w")
 
-    # model and tokenizer: the policy trains; the reference is a frozen copy in eval mode
+    # model and tokenizer: the policy trains; the reference is a frozen copy in eval mode (with --lora: the
+    # policy's own base model, adapters disabled); --fsdp shards both, DDP replicates the policy otherwise
     tokenizer = AutoTokenizer.from_pretrained(args.model_name_or_path)
     pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     dtype = getattr(torch, args.dtype)
@@ -499,9 +595,24 @@ if __name__ == "__main__":
     policy.train()
     if args.gradient_checkpointing:
         policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    ref_model = AutoModelForCausalLM.from_pretrained(args.model_name_or_path, dtype=dtype).to(device)
-    ref_model.eval().requires_grad_(False)
-    model = DDP(policy, device_ids=[local_rank] if use_cuda else None) if world_size > 1 else policy
+    if args.lora:
+        from peft import LoraConfig, get_peft_model
+
+        policy = get_peft_model(policy, LoraConfig(
+            r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
+            target_modules=lora_target_modules(args.lora_target_modules), task_type="CAUSAL_LM",
+        ))
+        ref_model = AdaptersDisabled(policy)
+    else:
+        ref_model = AutoModelForCausalLM.from_pretrained(args.model_name_or_path, dtype=dtype).to(device)
+        ref_model.eval().requires_grad_(False)
+    if args.fused_linear:
+        check_fused_linear(policy, device)
+    if args.fsdp:
+        shard(policy)
+        if not args.lora:
+            shard(ref_model)
+    model = DDP(policy, device_ids=[local_rank] if use_cuda else None) if world_size > 1 and not args.fsdp else policy
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16)
 
     # data
@@ -543,7 +654,8 @@ if __name__ == "__main__":
             start = (micro_step * world_size + rank) * micro_batch_size
             rows = [train_rows[i] for i in indices[start : start + micro_batch_size]]
             batch = {k: v.to(device) for k, v in collate(rows, pad_token_id).items()}
-            syncing = micro_step == accumulation - 1 or world_size == 1  # DDP all-reduces on the last backward
+            # DDP all-reduces on the last backward only; FSDP reduce-scatters on each (its gradients are sharded)
+            syncing = micro_step == accumulation - 1 or world_size == 1 or args.fsdp
             with nullcontext() if syncing else model.no_sync():
                 with autocast:
                     loss, metrics = compute_loss(model, ref_model, batch, args)
@@ -576,9 +688,12 @@ if __name__ == "__main__":
             metrics_file.write(json.dumps({"step": step, **logs}) + "\n")
             metrics_file.flush()
 
-    # save and summarise
+    # save and summarise; under FSDP every process takes part in gathering the full state dict onto rank 0
+    state_dict = None
+    if args.fsdp:
+        state_dict = get_model_state_dict(policy, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if is_main:
-        policy.save_pretrained(output_dir)
+        policy.save_pretrained(output_dir, state_dict=state_dict)
         tokenizer.save_pretrained(output_dir)
         writer.close()
         metrics_file.close()
@@ -587,5 +702,8 @@ if __name__ == "__main__":
             summary += (f", eval/rewards/accuracies {eval_metrics['eval/rewards/accuracies']:.3f}"
                         f", eval/rewards/margins {eval_metrics['eval/rewards/margins']:.3f}")
         print(f"{run_name} done in {time.time() - start_time:.0f}s: {summary}; policy saved to {output_dir}")
-    if world_size > 1:
+        if args.lora:
+            print(f"{output_dir} holds the LoRA adapter, not the full model: load it with "
+                  f"peft.AutoPeftModelForCausalLM.from_pretrained({output_dir!r}) (or merge_and_unload() it)")
+    if dist.is_initialized():
         dist.destroy_process_group()
