@@ -26,6 +26,7 @@ With λ = 1, γ = 1 and no BC term the loss is a logistic loss on α·(logp(yw) 
 Run (from anywhere; the defaults point at the bundled task in benchmarks/arith/):
     python algos/cpl.py                                  # 1 process, CPU or one GPU
     torchrun --nproc_per_node 2 algos/cpl.py --per-device-train-batch-size 4   # same global batch
+    torchrun --nproc_per_node 2 algos/cpl.py --fsdp --lora --fused-linear   # shard, adapters, no full logits
     python benchmarks/arith/evaluate.py runs/<run_name>  # held-out accuracy of the saved policy
     python algos/cpl.py --model-name-or-path Qwen/Qwen2.5-0.5B-Instruct \\
         --dataset-name trl-lib/ultrafeedback_binarized --alpha 0.1 --learning-rate 5e-7 \\
@@ -69,7 +70,7 @@ the last log and over all processes; `eval/` over the whole held-out split):
     learning_rate, grad_norm (before clipping), epoch
 Everything goes to TensorBoard under runs/<run_name>/ (and W&B with --track), to runs/<run_name>/
 metrics.jsonl (one JSON object per logged step), to the progress bar, and into a final summary line.
-The trained model and tokenizer are saved with save_pretrained into the same directory.
+The trained model (with --lora: the adapter) and tokenizer are saved with save_pretrained into the same directory.
 """
 
 import itertools

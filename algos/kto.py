@@ -28,6 +28,7 @@ same z0, the mean over all m pairs (gathered), i.e. the all-reduced mean.
 Run (from anywhere; the defaults point at the bundled task in benchmarks/arith/):
     python algos/kto.py                                  # 1 process, CPU or one GPU
     torchrun --nproc_per_node 2 algos/kto.py --per-device-train-batch-size 8   # same global batch and z0
+    torchrun --nproc_per_node 2 algos/kto.py --fsdp --lora --fused-linear   # shard, adapters, no full logits
     python benchmarks/arith/evaluate.py runs/<run_name>  # held-out accuracy of the saved policy
     python algos/kto.py --model-name-or-path Qwen/Qwen2.5-0.5B-Instruct \\
         --dataset-name trl-lib/kto-mix-14k --beta 0.1 --learning-rate 1e-6 \\
@@ -82,7 +83,7 @@ the last log and over all processes; `eval/` over the whole held-out split):
     learning_rate, grad_norm (before clipping), epoch
 Everything goes to TensorBoard under runs/<run_name>/ (and W&B with --track), to runs/<run_name>/
 metrics.jsonl (one JSON object per logged step), to the progress bar, and into a final summary line.
-The trained model and tokenizer are saved with save_pretrained into the same directory.
+The trained model (with --lora: the adapter) and tokenizer are saved with save_pretrained into the same directory.
 """
 
 import itertools

@@ -30,6 +30,7 @@ All four equal the DPO loss -log σ(β·h) for a list of two with distinct label
 Run (from anywhere; the defaults point at the bundled task in benchmarks/arith/):
     python algos/lipo.py                                  # 1 process, CPU or one GPU
     torchrun --nproc_per_node 2 algos/lipo.py --per-device-train-batch-size 4   # same global batch
+    torchrun --nproc_per_node 2 algos/lipo.py --fsdp --lora --fused-linear   # shard, adapters, no full logits
     python benchmarks/arith/evaluate.py runs/<run_name>  # held-out accuracy of the saved policy
     python algos/lipo.py --model-name-or-path Qwen/Qwen2.5-0.5B-Instruct \\
         --dataset-name my_lists.jsonl --beta 0.05 --learning-rate 5e-7 \\
@@ -78,7 +79,7 @@ first with the lowest score):
     learning_rate, grad_norm (before clipping), epoch
 Everything goes to TensorBoard under runs/<run_name>/ (and W&B with --track), to runs/<run_name>/
 metrics.jsonl (one JSON object per logged step), to the progress bar, and into a final summary line.
-The trained model and tokenizer are saved with save_pretrained into the same directory.
+The trained model (with --lora: the adapter) and tokenizer are saved with save_pretrained into the same directory.
 """
 
 import itertools

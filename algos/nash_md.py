@@ -30,6 +30,7 @@ With --reward-model-path, P = σ(r(x, y) - r(x, y')) instead (the Bradley-Terry 
 Run (from anywhere; the defaults point at the bundled task in benchmarks/arith/):
     python algos/nash_md.py                              # 1 process, CPU or one GPU
     torchrun --nproc_per_node 2 algos/nash_md.py --per-device-train-batch-size 16   # same global batch
+    torchrun --nproc_per_node 2 algos/nash_md.py --fsdp --lora --fused-linear   # shard, adapters, no full logits
     python benchmarks/arith/evaluate.py runs/<run_name>  # held-out accuracy of the saved policy
     python algos/nash_md.py --model-name-or-path Qwen/Qwen2-0.5B-Instruct \\
         --dataset-name trl-lib/ultrafeedback-prompt --reward-model-path trl-lib/Qwen2-0.5B-Reward \\
@@ -78,7 +79,7 @@ Everything goes to TensorBoard under runs/<run_name>/ (and W&B with --track), to
 metrics.jsonl (one JSON object per logged step), to the progress bar, and into a final summary line.
 At each logging step a few sampled (prompt, y, y', P) go to TensorBoard's text tab and to
 runs/<run_name>/completions.jsonl.
-The trained model and tokenizer are saved with save_pretrained into the same directory.
+The trained model (with --lora: the adapter) and tokenizer are saved with save_pretrained into the same directory.
 """
 
 import itertools

@@ -26,6 +26,7 @@ changes); TRL's `simpo_gamma` is γ itself.
 Run (from anywhere; the defaults point at the bundled task in benchmarks/arith/):
     python algos/simpo.py                                # 1 process, CPU or one GPU
     torchrun --nproc_per_node 2 algos/simpo.py --per-device-train-batch-size 4   # same global batch
+    torchrun --nproc_per_node 2 algos/simpo.py --fsdp --lora --fused-linear   # shard, adapters, no full logits
     python benchmarks/arith/evaluate.py runs/<run_name>  # held-out accuracy of the saved policy
     python algos/simpo.py --model-name-or-path Qwen/Qwen2.5-0.5B-Instruct \\
         --dataset-name trl-lib/ultrafeedback_binarized --beta 2.5 --gamma-beta-ratio 0.5 --learning-rate 5e-7 \\
@@ -63,7 +64,7 @@ the last log and over all processes; `eval/` over the whole held-out split):
     learning_rate, grad_norm (before clipping), epoch
 Everything goes to TensorBoard under runs/<run_name>/ (and W&B with --track), to runs/<run_name>/
 metrics.jsonl (one JSON object per logged step), to the progress bar, and into a final summary line.
-The trained model and tokenizer are saved with save_pretrained into the same directory.
+The trained model (with --lora: the adapter) and tokenizer are saved with save_pretrained into the same directory.
 """
 
 import itertools
