@@ -739,6 +739,7 @@ if __name__ == "__main__":
                 (loss / accumulation).backward()
             sums = {k: sums.get(k, 0) + v for k, v in metrics.items()}
             count += len(rows)
+        # under FSDP the gradients are DTensor shards: clip_grad_norm_ takes the norm over all of them
         grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), args.max_grad_norm)
         learning_rate = scheduler.get_last_lr()[0]
         optimizer.step()
@@ -780,7 +781,8 @@ if __name__ == "__main__":
                         f", eval/rewards/margins {eval_metrics['eval/rewards/margins']:.3f}")
         print(f"{run_name} done in {time.time() - start_time:.0f}s: {summary}; policy saved to {output_dir}")
         if args.lora:
-            print(f"{output_dir} holds the LoRA adapter, not the full model: load it with "
-                  f"peft.AutoPeftModelForCausalLM.from_pretrained({output_dir!r}) (or merge_and_unload() it)")
+            print(f"{output_dir} holds the LoRA adapter, not the full model: with peft installed, "
+                  f"AutoModelForCausalLM.from_pretrained({output_dir!r}) loads the base model and the adapter; "
+                  "peft.AutoPeftModelForCausalLM too, and its merge_and_unload() gives a plain model")
     if dist.is_initialized():
         dist.destroy_process_group()
