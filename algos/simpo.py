@@ -494,6 +494,16 @@ def shard(model) -> None:
     fully_shard(model)
 
 
+def check_fsdp_shares(num_rows: int, world_size: int, batch_size: int, name: str) -> None:
+    """Under FSDP every forward pass is collective: raise unless each process's share of num_rows rows (every
+    world_size-th row, as evaluation takes them) makes as many batches of batch_size as the others'."""
+    smallest, largest = num_rows // world_size, -(-num_rows // world_size)
+    if -(-smallest // batch_size) != -(-largest // batch_size):
+        raise ValueError(f"--fsdp: {name} ({num_rows} rows) gives some of the {world_size} processes one batch "
+                         f"more than others at --per-device-eval-batch-size {batch_size}, and FSDP needs as many "
+                         "forward passes on each: pick another batch size")
+
+
 if __name__ == "__main__":
     args = tyro.cli(Args)
     start_time = time.time()
@@ -574,6 +584,8 @@ if __name__ == "__main__":
     truncated = sum(row["truncated"] for row in train_rows + eval_rows)
     if truncated and is_main:
         print(f"warning: {truncated} examples truncated to --max-prompt-length / --max-length")
+    if args.fsdp:
+        check_fsdp_shares(len(eval_rows), world_size, args.per_device_eval_batch_size, "the test split")
 
     # optimiser and schedule
     micro_batch_size, accumulation = args.per_device_train_batch_size, args.gradient_accumulation_steps

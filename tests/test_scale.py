@@ -21,6 +21,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from algos.dpo import (
     AdaptersDisabled,
     Args,
+    check_fsdp_shares,
     check_fused_linear,
     collate,
     compute_loss,
@@ -155,6 +156,14 @@ def test_fused_linear_refuses_other_heads():
     capped.config.final_logit_softcapping = 30.0
     with pytest.raises(ValueError, match="soft-capping"):
         check_fused_linear(capped, torch.device("cpu"))
+
+
+def test_fsdp_refuses_uneven_evaluation_shares():
+    check_fsdp_shares(146, 2, 32, "the test split")  # 73 rows each: 3 batches each
+    check_fsdp_shares(0, 2, 32, "the test split")
+    check_fsdp_shares(7, 1, 2, "the test split")
+    with pytest.raises(ValueError, match="per-device-eval-batch-size 32"):
+        check_fsdp_shares(65, 2, 32, "the test split")  # 33 and 32 rows: 2 batches and 1
 
 
 def test_fused_linear_run_matches_golden(tmp_path):
