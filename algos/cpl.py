@@ -132,7 +132,7 @@ class Args:
     """if toggled, recompute activations in the backward pass to save memory"""
     fsdp: bool = False
     """if toggled, shard the policy over the processes with FSDP2 (each decoder layer, then
-    the root) instead of replicating them with DDP; needs torchrun (--nproc_per_node 1 for one process)"""
+    the root) instead of replicating it with DDP; needs torchrun (--nproc_per_node 1 for one process)"""
     lora: bool = False
     """if toggled, train LoRA adapters (peft) instead of all weights; the adapter is what gets saved"""
     lora_r: int = 16
