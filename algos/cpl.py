@@ -163,7 +163,7 @@ class Args:
     truncation_mode: Literal["keep_end", "keep_start"] = "keep_end"
     """which part of a too-long prompt to keep: its end (next to the completion) or its start"""
 
-    learning_rate: float = 2e-5
+    learning_rate: float = 5e-4
     """AdamW learning rate after warm-up"""
     lr_scheduler_type: Literal["linear", "cosine", "constant_with_warmup"] = "linear"
     """the learning-rate schedule after warm-up"""
@@ -179,7 +179,7 @@ class Args:
     """micro-batches accumulated into one optimiser step"""
     per_device_eval_batch_size: int = 32
     """pairs per process per evaluation batch"""
-    num_train_epochs: int = 3
+    num_train_epochs: int = 2
     """passes over the training split (ignored when --max-steps is set)"""
     max_steps: int | None = None
     """if set, train for exactly this many optimiser steps"""
@@ -194,7 +194,7 @@ class Args:
     """λ in (0, 1], scales the rejected segment's score only (the official code's contrastive_bias; 1: plain CPL)"""
     discount: float = 1.0
     """γ in (0, 1], the discount over completion tokens, γ^t for the t-th token counting from 0 (1: plain sums)"""
-    bc_coef: float = 0.0
+    bc_coef: float = 1.0
     """weight of the behaviour-cloning term, -mean log π over the chosen completion's tokens (0: none; CPL-BC)"""
 
     def __post_init__(self):

@@ -125,6 +125,8 @@ class Args:
     """if toggled, `torch.use_deterministic_algorithms`: same seed, same machine, same numbers"""
     cuda: bool = True
     """if toggled, use CUDA when it is available"""
+    threads: int | None = 1
+    """torch CPU threads; 1 is fastest for the bundled tiny model (None: torch's default, all cores)"""
     track: bool = False
     """if toggled, also log to Weights & Biases"""
     wandb_project_name: str = "preference-algos"
@@ -182,8 +184,6 @@ class Args:
     """the learning-rate schedule after warm-up"""
     warmup_ratio: float = 0.1
     """fraction of the optimiser steps spent warming the learning rate up linearly from 0"""
-    weight_decay: float = 0.0
-    """AdamW weight decay"""
     max_grad_norm: float = 1.0
     """clip the global gradient norm to this (inf: no clipping)"""
     per_device_train_batch_size: int = 16
@@ -298,6 +298,18 @@ def is_conversational(value) -> bool:
     return isinstance(value, list) and len(value) > 0 and isinstance(value[0], dict) and "role" in value[0]
 
 
+def extract_prompt(example: dict) -> dict:
+    """TRL's implicit-prompt format (chosen and rejected are whole conversations, no conversational prompt
+    column): the leading messages they share become the prompt."""
+    chosen, rejected = example["chosen"], example["rejected"]
+    if not is_conversational(chosen) or is_conversational(example.get("prompt")):
+        return example
+    shared = 0
+    while shared < min(len(chosen), len(rejected)) and chosen[shared] == rejected[shared]:
+        shared += 1
+    return {**example, "prompt": chosen[:shared], "chosen": chosen[shared:], "rejected": rejected[shared:]}
+
+
 def apply_chat_template(tokenizer, prompt: list, completions: list[list]) -> tuple[str, list[str]]:
     """Render a conversational prompt with the generation prompt, and each completion as the rendered
     prompt + completion conversation minus the rendered prompt."""
@@ -369,19 +381,22 @@ def tokenize_row(example: dict, tokenizer, max_length, max_prompt_length, trunca
 def prepare_dataset(dataset: Dataset, tokenizer, vocab_size: int, args: Args, name="the dataset") -> list[dict]:
     """Check an unpaired preference dataset (or a paired one, unpaired: chosen desirable, rejected undesirable)
     and tokenize it into a list of `tokenize_row` rows."""
-    columns = ["prompt", "completion", "label"]
-    paired = {"prompt", "chosen", "rejected"} <= set(dataset.column_names) and "completion" not in dataset.column_names
+    paired = {"chosen", "rejected"} <= set(dataset.column_names) and "completion" not in dataset.column_names
+    columns = ["prompt", "chosen", "rejected"] if paired else ["prompt", "completion", "label"]
     missing = [column for column in columns if column not in dataset.column_names]
-    if missing and not paired:
+    if missing == ["prompt"] and paired and len(dataset) > 0 and is_conversational(dataset[0]["chosen"]):
+        missing = []  # implicit prompt, see extract_prompt
+    if missing:
         raise ValueError(f"{name} lacks the column(s) {missing}: it has {dataset.column_names}, and KTO needs "
-                         f"{columns} (TRL's unpaired preference format, label true for a desirable completion) or "
-                         "prompt/chosen/rejected pairs, as strings or lists of messages: rename the columns")
+                         "prompt, completion, label (TRL's unpaired preference format, label true for a desirable "
+                         "completion) or TRL's preference format (prompt, chosen, rejected; unpaired here), as strings "
+                         "or lists of messages: rename the columns")
     if len(dataset) == 0:
         raise ValueError(f"{name} is empty: check --dataset-name and the split")
     examples = enumerate(dataset)
     if paired:  # each pair i gives two examples: its chosen completion desirable, its rejected one undesirable
         examples = ((i, {"prompt": pair["prompt"], "completion": pair[key], "label": key == "chosen"})
-                    for i, pair in enumerate(dataset) for key in ("chosen", "rejected"))
+                    for i, pair in enumerate(map(extract_prompt, dataset)) for key in ("chosen", "rejected"))
     rows = []
     for i, example in examples:
         try:
@@ -634,6 +649,8 @@ if __name__ == "__main__":
     is_main = rank == 0
 
     # seeding
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
@@ -710,7 +727,7 @@ if __name__ == "__main__":
     if steps_per_epoch == 0:
         raise ValueError(f"the train split has {len(train_rows)} examples, less than a global batch ({global_batch_size})")
     total_steps = args.max_steps if args.max_steps is not None else args.num_train_epochs * steps_per_epoch
-    optimizer = torch.optim.AdamW(policy.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=args.learning_rate, weight_decay=0.0)
     scheduler = get_scheduler(args.lr_scheduler_type, optimizer, round(args.warmup_ratio * total_steps), total_steps)
     if is_main:
         print(f"{run_name}: {len(train_rows)} train ({desirable} desirable) and {len(eval_rows)} test examples; "

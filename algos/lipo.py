@@ -123,6 +123,8 @@ class Args:
     """if toggled, `torch.use_deterministic_algorithms`: same seed, same machine, same numbers"""
     cuda: bool = True
     """if toggled, use CUDA when it is available"""
+    threads: int | None = 1
+    """torch CPU threads; 1 is fastest for the bundled tiny model (None: torch's default, all cores)"""
     track: bool = False
     """if toggled, also log to Weights & Biases"""
     wandb_project_name: str = "preference-algos"
@@ -180,8 +182,6 @@ class Args:
     """the learning-rate schedule after warm-up"""
     warmup_ratio: float = 0.1
     """fraction of the optimiser steps spent warming the learning rate up linearly from 0"""
-    weight_decay: float = 0.0
-    """AdamW weight decay"""
     max_grad_norm: float = 1.0
     """clip the global gradient norm to this (inf: no clipping)"""
     per_device_train_batch_size: int = 8
@@ -275,8 +275,7 @@ def lipo_loss(
         log_normalisers = torch.where(rivals, s[:, None, :], float("-inf")).logsumexp(-1)
         losses = torch.where(valid, log_normalisers - s, 0).sum(-1)
     elif loss_type == "softmax":
-        psi = torch.where(valid, psi, 0)
-        total = psi.sum(-1, keepdim=True)
+        total = psi.sum(-1, keepdim=True)  # padding is 0
         log_probs = torch.where(valid, s, float("-inf")).log_softmax(-1)
         losses = -(psi / torch.where(total > 0, total, 1) * torch.where(valid, log_probs, 0)).sum(-1)
     else:
@@ -653,6 +652,8 @@ if __name__ == "__main__":
     is_main = rank == 0
 
     # seeding
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
@@ -732,7 +733,7 @@ if __name__ == "__main__":
     if steps_per_epoch == 0:
         raise ValueError(f"the train split has {len(train_rows)} lists, less than a global batch ({global_batch_size})")
     total_steps = args.max_steps if args.max_steps is not None else args.num_train_epochs * steps_per_epoch
-    optimizer = torch.optim.AdamW(policy.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=args.learning_rate, weight_decay=0.0)
     scheduler = get_scheduler(args.lr_scheduler_type, optimizer, round(args.warmup_ratio * total_steps), total_steps)
     if is_main:
         print(f"{run_name}: {len(train_rows)} train and {len(eval_rows)} test lists; {total_steps} steps of "

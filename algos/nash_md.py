@@ -447,8 +447,8 @@ def sample_completions(policy, ref_model, prompts: list[list[int]], budgets: lis
                        temperature: float, generators: list[torch.Generator], pad_token_id: int,
                        eos_token_id: int, sync_ranks: bool = False) -> list[list[int]]:
     """One completion per prompt from the token-level geometric mixture with that row's β (`geometric_mixture`;
-    β = 0: the policy alone, β = 1: the reference alone), each model with its own KV cache and run only if
-    some row needs it, the policy in eval mode.
+    β = 0: the policy alone, β = 1: the reference alone). Each model runs, with its own KV cache, only on the
+    rows that give it a weight; the policy runs in eval mode.
 
     Prompts are left-padded. Completion i ends with its first EOS (kept) or after budgets[i] tokens.
     Row i draws its Gumbel noise from generators[i] alone: argmax(log π^β + Gumbel) is a sample of π^β.
@@ -459,20 +459,22 @@ def sample_completions(policy, ref_model, prompts: list[list[int]], budgets: lis
     input_ids = torch.tensor([[pad_token_id] * (width - len(p)) + p for p in prompts], device=device)
     attention_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-    players = {"policy": policy if min(mixture_coefs) < 1 else None,
-               "reference": ref_model if max(mixture_coefs) > 0 else None}
     mixture_coef = torch.tensor(mixture_coefs, device=device)[:, None]
+    players = {"policy": (policy, (mixture_coef[:, 0] < 1).nonzero()[:, 0]),
+               "reference": (ref_model, (mixture_coef[:, 0] > 0).nonzero()[:, 0])}
+    players = {name: (player, rows) for name, (player, rows) in players.items() if len(rows) > 0}
     caches = dict.fromkeys(players)
     completions, done = [[] for _ in prompts], [False] * len(prompts)
     was_training = policy.training
     policy.eval()
     while True:  # at most max(budgets) tokens: row i is done after budgets[i]
-        logits = dict.fromkeys(players)
-        for name, player in players.items():
-            if player is not None:
-                output = player(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                                cache=caches[name], use_cache=True, logits_to_keep=1)
-                caches[name], logits[name] = output.cache, output.logits[:, -1].float()
+        logits = {"policy": None, "reference": None}
+        for name, (player, rows) in players.items():
+            output = player(input_ids=input_ids[rows], attention_mask=attention_mask[rows],
+                            position_ids=position_ids[rows], cache=caches[name], use_cache=True, logits_to_keep=1)
+            caches[name] = output.cache
+            row_logits = output.logits[:, -1].float()  # the other rows get zeros, which weigh 0 there
+            logits[name] = row_logits.new_zeros(len(prompts), row_logits.shape[-1]).index_copy(0, rows, row_logits)
         logps = geometric_mixture(logits["policy"], logits["reference"], mixture_coef, temperature)
         uniform = torch.stack([torch.rand(logps.shape[-1], generator=g, dtype=torch.float64) for g in generators])
         tokens = (logps - (-uniform.log()).log().to(device)).argmax(-1)

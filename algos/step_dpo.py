@@ -169,7 +169,7 @@ class Args:
     truncation_mode: Literal["keep_end", "keep_start"] = "keep_end"
     """which part of a too-long prompt to keep: its end (next to the completion) or its start"""
 
-    learning_rate: float = 2e-5
+    learning_rate: float = 2e-4
     """AdamW learning rate after warm-up"""
     lr_scheduler_type: Literal["linear", "cosine", "constant_with_warmup"] = "linear"
     """the learning-rate schedule after warm-up"""
@@ -185,7 +185,7 @@ class Args:
     """micro-batches accumulated into one optimiser step"""
     per_device_eval_batch_size: int = 32
     """pairs per process per evaluation batch"""
-    num_train_epochs: int = 3
+    num_train_epochs: int = 1
     """passes over the training split (ignored when --max-steps is set)"""
     max_steps: int | None = None
     """if set, train for exactly this many optimiser steps"""
@@ -196,7 +196,7 @@ class Args:
     eval_steps: int = 100
     """evaluate every this many optimiser steps (0: only at the end)"""
 
-    beta: float = 0.3
+    beta: float = 2.0
     """β, the strength of the KL penalty: the inverse temperature of the implicit reward"""
     label_smoothing: float = 0.0
     """ε of conservative DPO: the assumed probability that a preference label is flipped (0: DPO)"""

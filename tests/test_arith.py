@@ -118,6 +118,13 @@ def test_lists_and_unpaired_are_graded_by_the_verifier(split):
     assert all(labels)
 
 
+def test_completions_are_plain_text():
+    """Sampling masked the special tokens, so a completion tokenises back to what was sampled."""
+    specials = ("<s>", "</s>", "<pad>", "<unk>")
+    for split in ("train", "test"):
+        assert not any(t in row["completion"] for row in read(f"unpaired_{split}") for t in specials)
+
+
 def test_eval_prompts_are_held_out():
     evals = read("eval")
     assert all(row["answer"] == task.solve(*task.parse_problem(row["prompt"]))[-1][3] for row in evals)
@@ -157,18 +164,20 @@ def test_base_model_loads_and_prefers_the_right_solution():
     model = AutoModelForCausalLM.from_pretrained(ARITH / "model")
     assert 0.5e6 < model.num_parameters() < 2.5e6
 
+    prompt = "Q: ((2+7)*3)-5\n"  # within the task's ranges (the verifier's examples above need not be)
+
     def logp(completion):
-        ids = tokenizer(PROMPT + completion).input_ids + [tokenizer.eos_token_id]
+        ids = tokenizer(prompt + completion).input_ids + [tokenizer.eos_token_id]
         with torch.no_grad():
             logits = model(torch.tensor([ids])).logits[0, :-1]
-        n = len(ids) - len(tokenizer(PROMPT).input_ids)
+        n = len(ids) - len(tokenizer(prompt).input_ids)
         return logits.log_softmax(-1)[-n:].gather(-1, torch.tensor(ids[-n:])[:, None]).sum()
 
-    assert logp(RIGHT) > logp("12 + 7 = 18\n18 * 3 = 54\n54 - 5 = 49\nAnswer: 49")
+    assert logp("2 + 7 = 9\n9 * 3 = 27\n27 - 5 = 22\nAnswer: 22") > logp("2 + 7 = 8\n8 * 3 = 24\n24 - 5 = 19\nAnswer: 19")
 
 
 @pytest.mark.xfail(strict=True, reason="known defect: the committed preference model was trained to chance-level "
-                   "agreement with the verifier (build_summary.json: 0.50); its retraining is open work")
+                   "agreement with the verifier (build_summary.json: 0.51, see benchmarks/arith/README.md); making it learn is open work")
 def test_preference_model_loads_and_mostly_agrees_with_the_verifier():
     tokenizer = AutoTokenizer.from_pretrained(ARITH / "preference_model")
     model = AutoModelForSequenceClassification.from_pretrained(ARITH / "preference_model").eval()

@@ -96,6 +96,13 @@ def test_a_paired_dataset_is_unpaired_into_chosen_desirable_and_rejected_undesir
     assert rows == [row(tokenizer, example) for example in expected]
 
 
+def test_a_conversational_pair_with_an_implicit_prompt_is_unpaired_too(tokenizer):
+    implicit = {"chosen": CONVERSATION["prompt"] + CONVERSATION["completion"],
+                "rejected": CONVERSATION["prompt"] + [{"role": "assistant", "content": BAD["completion"]}]}
+    rows = prepare_dataset(dataset(implicit), tokenizer, 100, Args())
+    assert rows == [row(tokenizer, GOOD), row(tokenizer, {**GOOD, "completion": BAD["completion"], "label": False})]
+
+
 def test_errors_in_a_paired_dataset_name_the_pair(tokenizer):
     long_prompt = "Q: " + "1+" * 20 + "1\n"
     pairs = dataset({"prompt": "Q: 1\n", "chosen": "a", "rejected": "b"}, {"prompt": long_prompt, "chosen": "a", "rejected": "b"})
@@ -119,8 +126,10 @@ def examples_as_dataset(examples):
 
 
 def test_missing_columns_are_named(tokenizer):
-    with pytest.raises(ValueError, match=r"lacks the column\(s\) \['label'\].*KTO needs.*prompt/chosen/rejected"):
+    with pytest.raises(ValueError, match=r"lacks the column\(s\) \['label'\].*KTO needs prompt, completion, label"):
         prepare_dataset(dataset({"prompt": "a", "completion": "b"}), tokenizer, 100, Args())
+    with pytest.raises(ValueError, match=r"lacks the column\(s\) \['prompt'\].*preference format"):
+        prepare_dataset(dataset({"chosen": "a", "rejected": "b"}), tokenizer, 100, Args())
 
 
 def test_empty_and_single_example_datasets_are_errors(tokenizer):

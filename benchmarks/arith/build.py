@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 import tyro
 from tokenizers import Tokenizer, decoders, models, processors
-from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification, PreTrainedTokenizerFast
+from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification, PreTrainedTokenizerFast
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # so that it also runs as a script
 from benchmarks.arith import task
@@ -52,11 +52,11 @@ class Args:
     threads: int = 1
     """torch CPU threads (fixed, because the thread count can change the rounding; one thread is
     barely slower for a model this small and does not stall on a busy machine)"""
-    error_rate: float = 0.2
+    error_rate: float = 0.1
     """probability that a step of a base-model training solution has a wrong result"""
-    lm_steps: int = 1000
+    lm_steps: int = 1200
     """training steps of the base model at most (the horizon of its learning-rate schedule)"""
-    target_greedy: float = 0.7
+    target_greedy: float = 0.72
     """the base model stops early once its greedy accuracy on 256 validation problems (from the
     training split), checked every 50 steps in the second half of training, reaches this: late
     enough for a low learning rate (a sharp model), early enough to stay unreliable"""
@@ -64,7 +64,7 @@ class Args:
     """fresh problems per base-model step"""
     lm_lr: float = 5e-3
     """peak learning rate of the base model (linear warm-up, cosine decay)"""
-    n_train_prompts: int = 2600
+    n_train_prompts: int = 3000
     """training prompts of the preference data"""
     n_test_prompts: int = 300
     """test prompts of the preference data"""
@@ -78,6 +78,9 @@ class Args:
     """comparisons per preference-model step"""
     pm_lr: float = 5e-4
     """peak learning rate of the preference model"""
+    preference_model_only: bool = False
+    """retrain only the preference model, from out_dir's model/ and data/ (the samples are the rows of
+    data/unpaired_train.jsonl, in order), and update build_summary.json"""
 
 
 def build_tokenizer() -> PreTrainedTokenizerFast:
@@ -250,13 +253,14 @@ def agreement(model, tokenizer, pairs: list[dict]) -> float:
     return ((forward > 0).float().mean().item() + (backward < 0).float().mean().item()) / 2
 
 
-def main(args: Args) -> None:
-    start = time.time()
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(args.seed)
-    out = Path(args.out_dir)
-    (out / "data").mkdir(parents=True, exist_ok=True)
+def read_jsonl(path: Path) -> list[dict]:
+    with open(path) as f:
+        return [json.loads(line) for line in f]
 
+
+def build_base_model_and_data(args: Args, out: Path) -> dict:
+    """Steps 1-3: tokenizer, base model, data. Returns the summary's entries."""
+    start = time.time()
     rng = random.Random(args.seed)
     prompts = {split: task.sample_distinct_prompts(rng, n, split) for split, n in
                [("eval", args.n_eval_prompts), ("test", args.n_test_prompts), ("train", args.n_train_prompts)]}
@@ -268,12 +272,12 @@ def main(args: Args) -> None:
     model.save_pretrained(out / "model")
     print(f"base model: {model.num_parameters()} parameters, {time.time() - start:.0f} s", flush=True)
 
-    samples, datasets, sizes = {}, {}, {}
+    datasets, sizes = {}, {}
     k = args.samples_per_prompt
     for split in ("train", "test"):
         texts = generate(model, tokenizer, [p for p in prompts[split] for _ in range(k)], temperature=1.0)
-        samples[split] = {p: texts[i * k:(i + 1) * k] for i, p in enumerate(prompts[split])}
-        datasets |= {f"{name}_{split}": rows for name, rows in make_datasets(rng, samples[split]).items()}
+        samples = {p: texts[i * k:(i + 1) * k] for i, p in enumerate(prompts[split])}
+        datasets |= {f"{name}_{split}": rows for name, rows in make_datasets(rng, samples).items()}
         datasets[f"prompts_{split}"] = [{"prompt": p} for p in prompts[split]]
     datasets["eval"] = [{"prompt": p, "answer": task.solve(*task.parse_problem(p))[-1][3]} for p in prompts["eval"]]
     # the chat-template path: the first test pairs as message lists
@@ -287,12 +291,36 @@ def main(args: Args) -> None:
     for split in ("train", "test"):
         sizes[f"unpaired_{split}_desirable"] = sum(r["label"] for r in datasets[f"unpaired_{split}"])
     print(f"data: {sizes}, {time.time() - start:.0f} s", flush=True)
+    return {"base_model_parameters": model.num_parameters(), "sizes": sizes,
+            "base_model_and_data_seconds": round(time.time() - start)}
 
-    preference_model = train_preference_model(args, out / "model", tokenizer, samples["train"])
+
+def build_preference_model(args: Args, out: Path) -> dict:
+    """Step 4, from what steps 1-3 wrote (so that it can be rerun alone). Returns the summary's entries."""
+    start = time.time()
+    torch.manual_seed(args.seed + 4)  # the score head's initialisation, whatever ran before
+    tokenizer = AutoTokenizer.from_pretrained(out / "model")
+    samples = {}
+    for row in read_jsonl(out / "data" / "unpaired_train.jsonl"):
+        samples.setdefault(row["prompt"], []).append(row["completion"])
+    preference_model = train_preference_model(args, out / "model", tokenizer, samples)
     preference_model.save_pretrained(out / "preference_model")
-    summary = {"args": asdict(args), "base_model_parameters": model.num_parameters(), "sizes": sizes,
-               "preference_model_agreement": agreement(preference_model, tokenizer, datasets["pairs_test"]),
-               "build_seconds": round(time.time() - start)}
+    return {"preference_model_agreement": agreement(preference_model, tokenizer, read_jsonl(out / "data" / "pairs_test.jsonl")),
+            "preference_model_seconds": round(time.time() - start)}
+
+
+def main(args: Args) -> None:
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    out = Path(args.out_dir)
+    (out / "data").mkdir(parents=True, exist_ok=True)
+    if args.preference_model_only:
+        summary = json.loads((out / "build_summary.json").read_text())
+        summary["args"] = asdict(args) | {"preference_model_only": False}
+    else:
+        summary = {"args": asdict(args)} | build_base_model_and_data(args, out)
+    summary |= build_preference_model(args, out)
+    summary["args"].pop("out_dir")  # where it was built is not part of what was built
     (out / "build_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     print(json.dumps(summary, indent=2))
 

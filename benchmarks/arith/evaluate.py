@@ -7,6 +7,7 @@ temperature 1 (mean over k samples per prompt), the fraction of correct steps (s
 mean completion length in tokens (= characters, EOS excluded), and a Monte Carlo estimate of
 KL(policy || base): for completions y sampled from the policy, the mean of
 sum_t [log pi(y_t | x, y_<t) - log base(y_t | x, y_<t)] over the completion tokens including EOS.
+Sampling masks the special tokens other than EOS (which a trained policy all but never samples).
 The base model's tokenizer is used for every policy (they share its vocabulary).
 Writes RUN_DIR/eval.json for each policy, or all results to one file with --out.
 """
@@ -24,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # so that it also 
 from benchmarks.arith import task
 
 HERE = Path(__file__).resolve().parent
-MAX_NEW_TOKENS = 72  # the longest correct completion is 59 characters
+MAX_NEW_TOKENS = 72  # the longest correct completion has 54 characters
 
 
 @dataclass
@@ -37,10 +38,12 @@ class Generation:
 
 @torch.no_grad()
 def generate_batch(model, tokenizer, prompts: list[str], temperature: float) -> Generation:
-    """Greedy decoding at temperature 0, else pure sampling (no top-k, no top-p)."""
+    """Greedy decoding at temperature 0, else pure sampling (no top-k, no top-p). The special
+    tokens other than EOS are masked: a completion is plain text that tokenises back to itself."""
     enc = tokenizer(prompts, padding=True, padding_side="left", return_tensors="pt")
     sampling = dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0) if temperature > 0 else dict(do_sample=False)
-    ids = model.generate(**enc, **sampling, max_new_tokens=MAX_NEW_TOKENS,
+    suppress = [i for i in tokenizer.all_special_ids if i != tokenizer.eos_token_id]
+    ids = model.generate(**enc, **sampling, max_new_tokens=MAX_NEW_TOKENS, suppress_tokens=suppress,
                          pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
     new = ids[:, enc.input_ids.shape[1]:]
     is_eos = new == tokenizer.eos_token_id
@@ -109,8 +112,8 @@ class Args:
     """prompts generated in parallel"""
     seed: int = 0
     """seed of the sampling"""
-    threads: int = 2
-    """torch CPU threads"""
+    threads: int = 1
+    """torch CPU threads (the figures depend on it through rounding)"""
     out: str | None = None
     """one JSON file for all results; default: RUN_DIR/eval.json for each policy"""
 

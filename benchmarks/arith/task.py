@@ -24,7 +24,7 @@ import re
 from dataclasses import dataclass
 
 OPS = "+-*"
-MAX_VALUE = 199  # every intermediate value stays in [0, MAX_VALUE]
+MAX_VALUE = 99  # every intermediate value stays in [0, MAX_VALUE]
 STEP_RE = re.compile(r"(-?\d+) ([+*-]) (\d+) = (-?\d+)")  # a slip can carry a negative value
 ANSWER_RE = re.compile(r"Answer: (-?\d+)")
 
@@ -34,14 +34,15 @@ def apply(a: int, op: str, b: int) -> int:
 
 
 def sample_problem(rng: random.Random) -> tuple[list[int], list[str]]:
-    """Operands and operators of a random chain; products use one-digit factors so that a
-    ~1M-parameter model can learn them partially."""
+    """Operands and operators of a random chain: one-digit operands (factors 2-5) and values below 100,
+    what a ~1M-parameter model learns to do, unreliably, in a few minutes (with operands up to 20 and values
+    up to 199 it stayed at 34% greedy accuracy after the same 1000 steps)."""
     n_operands = rng.randint(2, 4)
-    operands, ops = [rng.randint(1, 20)], []
+    operands, ops = [rng.randint(1, 9)], []
     value = operands[0]
     while len(operands) < n_operands:
         op = rng.choice(OPS)
-        b = rng.randint(2, 5) if op == "*" else rng.randint(1, 20)
+        b = rng.randint(2, 5) if op == "*" else rng.randint(1, 9)
         if 0 <= apply(value, op, b) <= MAX_VALUE:
             operands.append(b)
             ops.append(op)
