@@ -56,7 +56,17 @@ Deviations from the paper (and its code, jhejna/cpl, written for robot control):
 7. Each epoch is a fresh seeded permutation cut into global batches; the last incomplete global batch
    is dropped so that every step sees the same number of pairs on any number of processes.
 
-Defaults: chosen for the bundled task by the sweep described at the end of this docstring.
+Defaults: chosen for the bundled task (its `pairs` files, 1689 training pairs) by a small sweep: one process,
+seed 1, then `python benchmarks/arith/evaluate.py` (256 held-out prompts; sampled = 8 samples each at
+temperature 1). The base model: greedy accuracy 0.602, sampled 0.319. Train times with two runs sharing the
+2-core CPU:
+    flags                                             greedy  sampled  KL    time
+    (defaults: α 0.1, λ 0.5, BC 1, lr 5e-4, 2 epochs)  0.746   0.614    1.57  108 s
+    --num-train-epochs 1                              0.711   0.536    1.23  66 s
+    --bc-coef 0 (as the official CPL config)          0.648   0.527    2.10  114 s
+With no reference model, only the BC term and the conservative bias keep likelihood on the data; the BC term
+pulls it onto the verified completions, which is what sampling at temperature 1 rewards here. The rate is far
+above the official 1e-4 because this ~0.9M-parameter model must move within two epochs.
 
 Logged metrics (TRL's names; `train/` every `--logging-steps` steps, averaged over the pairs seen since
 the last log and over all processes; `eval/` over the whole held-out split):
@@ -113,6 +123,8 @@ class Args:
     """if toggled, `torch.use_deterministic_algorithms`: same seed, same machine, same numbers"""
     cuda: bool = True
     """if toggled, use CUDA when it is available"""
+    threads: int | None = 1
+    """torch CPU threads; 1 is fastest for the bundled tiny model (None: torch's default, all cores)"""
     track: bool = False
     """if toggled, also log to Weights & Biases"""
     wandb_project_name: str = "preference-algos"
@@ -169,8 +181,6 @@ class Args:
     """the learning-rate schedule after warm-up"""
     warmup_ratio: float = 0.1
     """fraction of the optimiser steps spent warming the learning rate up linearly from 0"""
-    weight_decay: float = 0.0
-    """AdamW weight decay"""
     max_grad_norm: float = 1.0
     """clip the global gradient norm to this (inf: no clipping)"""
     per_device_train_batch_size: int = 8
@@ -524,6 +534,8 @@ if __name__ == "__main__":
     is_main = rank == 0
 
     # seeding
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
@@ -591,7 +603,7 @@ if __name__ == "__main__":
     if steps_per_epoch == 0:
         raise ValueError(f"the train split has {len(train_rows)} pairs, less than a global batch ({global_batch_size})")
     total_steps = args.max_steps if args.max_steps is not None else args.num_train_epochs * steps_per_epoch
-    optimizer = torch.optim.AdamW(policy.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=args.learning_rate, weight_decay=0.0)
     scheduler = get_scheduler(args.lr_scheduler_type, optimizer, round(args.warmup_ratio * total_steps), total_steps)
     if is_main:
         print(f"{run_name}: {len(train_rows)} train and {len(eval_rows)} test pairs; {total_steps} steps of "

@@ -42,7 +42,21 @@ Deviations from the paper (and its code, eric-mitchell/direct-preference-optimiz
 5. `rewards/accuracies` counts a pair as correct only if the chosen reward is strictly larger, so it
    starts at 0 (policy = reference, all rewards 0), as in TRL.
 
-Defaults: chosen for the bundled task by the sweep described at the end of this docstring.
+Defaults: chosen for the bundled task (its `pairs` files, 1689 training pairs) by a small sweep: one process,
+seed 1, then `python benchmarks/arith/evaluate.py` (256 held-out prompts; sampled = 8 samples each at
+temperature 1). The base model: greedy accuracy 0.602, sampled 0.319. Train times with two runs sharing the
+2-core CPU:
+    flags                                     greedy  sampled  KL    time
+    (defaults: β 2, lr 2e-4, 2 epochs)        0.707   0.479    0.87  151 s
+    --num-train-epochs 1                      0.719   0.455    0.68  84 s
+    --beta 1 --learning-rate 1e-4             0.695   0.457    0.83  154 s
+    --beta 0.3 --learning-rate 2e-5 (3 epochs) 0.609  0.414    0.78  204 s
+    --beta 0.1 --learning-rate 2e-5 (3 epochs) 0.555  0.364    1.12  204 s
+    --beta 0.3 --learning-rate 4e-5 (3 epochs) 0.562  0.387    1.40  227 s
+    --beta 0.3 --learning-rate 1e-4 (1 epoch)  0.547  0.354    1.39  73 s
+The paper's β = 0.1 and TRL's rates (5e-7 to 5e-6) barely move a ~0.9M-parameter model from scratch-trained
+weights within a few epochs; at the rates that do, a small β lets the policy drift (KL above 1) and lose greedy
+accuracy, while β = 2 keeps it near the reference and gains the most.
 
 Logged metrics (TRL's names; `train/` every `--logging-steps` steps, averaged over the pairs seen since
 the last log and over all processes; `eval/` over the whole held-out split):
@@ -151,7 +165,7 @@ class Args:
     truncation_mode: Literal["keep_end", "keep_start"] = "keep_end"
     """which part of a too-long prompt to keep: its end (next to the completion) or its start"""
 
-    learning_rate: float = 2e-5
+    learning_rate: float = 2e-4
     """AdamW learning rate after warm-up"""
     lr_scheduler_type: Literal["linear", "cosine", "constant_with_warmup"] = "linear"
     """the learning-rate schedule after warm-up"""
@@ -165,7 +179,7 @@ class Args:
     """micro-batches accumulated into one optimiser step"""
     per_device_eval_batch_size: int = 32
     """pairs per process per evaluation batch"""
-    num_train_epochs: int = 3
+    num_train_epochs: int = 2
     """passes over the training split (ignored when --max-steps is set)"""
     max_steps: int | None = None
     """if set, train for exactly this many optimiser steps"""
@@ -176,7 +190,7 @@ class Args:
     eval_steps: int = 100
     """evaluate every this many optimiser steps (0: only at the end)"""
 
-    beta: float = 0.3
+    beta: float = 2.0
     """β, the strength of the KL penalty: the inverse temperature of the implicit reward"""
     label_smoothing: float = 0.0
     """ε of conservative DPO: the assumed probability that a preference label is flipped (0: DPO)"""

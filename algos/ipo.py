@@ -13,16 +13,19 @@ reference however clean the labels are.
 
 Loss. logp(y) = Σ_t log π(y_t | x, y_<t) summed over the completion tokens (prompt and padding masked),
 ref(y) the same under the frozen reference, |y| the number of completion tokens, and for a pair (x, yw ≻ yl):
-    n(y) = max(|y|, 1)                          (n(y) = 1 with --no-length-normalize)
+    n(y) = 1                                    (n(y) = max(|y|, 1) with --length-normalize)
     h    = (logp(yw) - ref(yw))/n(yw) - (logp(yl) - ref(yl))/n(yl)
     loss = (h - 1/(2τ))²                        averaged over the pairs of the batch
-With n = 1 this is the paper's sampled IPO loss (eq. 17). A larger τ is a smaller target, hence a stronger
-pull towards the reference (not τ/2, not 1/τ: the target is 1/(2τ)). The default divides each completion's
-log-ratio by its own length, as TRL does on the IPO authors' advice (huggingface.co/blog/pref-tuning, TRL
-PR #1265): summed, h grows with the completion length, so one τ is a loose target for long completions and a
-tight one for short ones; averaged, τ is per token. Dividing the policy's and the reference's log-probs by
-the same length, as TRL does, is the same thing. The clamp at 1 makes an empty completion's log-ratio 0/1 = 0,
-never 0/0. The sweep below also prefers the normalised form on the bundled task.
+With n = 1, the default, this is the paper's sampled IPO loss (eq. 17). A larger τ is a smaller target, hence
+a stronger pull towards the reference (not τ/2, not 1/τ: the target is 1/(2τ)). --length-normalize divides each
+completion's log-ratio by its own length, as TRL does on the IPO authors' advice (huggingface.co/blog/
+pref-tuning, TRL PR #1265): summed, h grows with the completion length, so one τ is a loose target for long
+completions and a tight one for short ones; averaged, τ is per token. Dividing the policy's and the
+reference's log-probs by the same length, as TRL does, is the same thing; the clamp at 1 makes an empty
+completion's log-ratio 0/1 = 0, never 0/0. The default is the paper's sums because on the bundled task, where
+a chosen and a rejected completion differ in one or two of ~38 tokens, the per-token form turns any useful
+target into a push on every token and loses greedy accuracy (the sweep below); on long free-form completions
+of very different lengths, try --length-normalize.
 
 Run (from anywhere; the defaults point at the bundled task in benchmarks/arith/):
     python algos/ipo.py                                  # 1 process, CPU or one GPU
@@ -35,7 +38,7 @@ Run (from anywhere; the defaults point at the bundled task in benchmarks/arith/)
         --max-length 1024 --bf16 --gradient-checkpointing --eval-steps 500 --logging-steps 10
 
 Deviations from the paper (which trains no language model: its experiments are illustrative bandits):
-1. Length-normalised log-ratios by default (above); --no-length-normalize is eq. 17 exactly.
+1. None in the loss by default (summed log-ratios, eq. 17); --length-normalize is TRL's per-token form (above).
 2. Optimiser: AdamW with linear warm-up then linear decay (TRL's default); the paper gives no LM recipe.
    The reference is the model we start from (`--model-name-or-path`), here already trained on the task.
 3. Tokens: prompt and completion are tokenized separately (as at generation time), the prompt gets the
@@ -48,7 +51,31 @@ Deviations from the paper (which trains no language model: its experiments are i
 5. `rewards/accuracies` counts a pair as correct only if the chosen reward is strictly larger, so it
    starts at 0 (policy = reference, all rewards 0), as in TRL.
 
-Defaults: chosen for the bundled task by the sweep described at the end of this docstring.
+Defaults: chosen for the bundled task (its `pairs` files, 1689 training pairs) by a small sweep: one process,
+seed 1, then `python benchmarks/arith/evaluate.py` (256 held-out prompts; sampled = 8 samples each at
+temperature 1). The base model: greedy accuracy 0.602, sampled 0.319. Train times with two to six runs sharing
+the 2-core CPU:
+    flags                                                  greedy  sampled  KL    time
+    (defaults: summed, τ 0.2, lr 2e-4, 2 epochs)           0.754   0.477    0.58  97 s
+    --tau 0.1                                              0.648   0.436    1.18  181 s
+    --tau 0.1 --learning-rate 1.5e-4                       0.652   0.446    1.06  96 s
+    --tau 0.1 --learning-rate 1e-4                         0.684   0.456    0.89  190 s
+    --tau 0.1 --learning-rate 1e-4 --num-train-epochs 3    0.660   0.461    0.96  171 s
+    --tau 0.05 --learning-rate 1e-4                        0.527   0.383    1.95  109 s
+    --tau 0.3 --learning-rate 3e-4                         0.715   0.446    0.47  185 s
+    --tau 0.3 --learning-rate 1e-4                         0.727   0.435    0.24  139 s
+    --tau 0.3 --learning-rate 2e-5 --num-train-epochs 3    0.703   0.423    0.16  224 s
+    --length-normalize --tau 0.3 --learning-rate 2e-5 --num-train-epochs 3
+                                                           0.488   0.337    1.38  164 s
+    --length-normalize --tau 1 --learning-rate 2e-5 --num-train-epochs 3
+                                                           0.574   0.370    1.08  193 s
+    --length-normalize --tau 3 --learning-rate 2e-5 --num-train-epochs 3
+                                                           0.660   0.416    0.53  230 s
+    --length-normalize --tau 3 --learning-rate 2e-4 --num-train-epochs 1
+                                                           0.617   0.415    1.35  94 s
+    --length-normalize --tau 10 --learning-rate 1e-4       0.730   0.420    0.24  177 s
+The target 1/(2τ) sets how far the policy goes: 1.7 nats of log-ratio gap (τ 0.3) stop it early, 10 nats
+(τ 0.05) overshoot and cost greedy accuracy; 2.5 nats (τ 0.2) at a rate that gets there in two epochs is best.
 
 Logged metrics (TRL's names; `train/` every `--logging-steps` steps, averaged over the pairs seen since
 the last log and over all processes; `eval/` over the whole held-out split):
@@ -157,7 +184,7 @@ class Args:
     truncation_mode: Literal["keep_end", "keep_start"] = "keep_end"
     """which part of a too-long prompt to keep: its end (next to the completion) or its start"""
 
-    learning_rate: float = 2e-5
+    learning_rate: float = 2e-4
     """AdamW learning rate after warm-up"""
     lr_scheduler_type: Literal["linear", "cosine", "constant_with_warmup"] = "linear"
     """the learning-rate schedule after warm-up"""
@@ -171,7 +198,7 @@ class Args:
     """micro-batches accumulated into one optimiser step"""
     per_device_eval_batch_size: int = 32
     """pairs per process per evaluation batch"""
-    num_train_epochs: int = 3
+    num_train_epochs: int = 2
     """passes over the training split (ignored when --max-steps is set)"""
     max_steps: int | None = None
     """if set, train for exactly this many optimiser steps"""
@@ -182,9 +209,9 @@ class Args:
     eval_steps: int = 100
     """evaluate every this many optimiser steps (0: only at the end)"""
 
-    tau: float = 0.3
+    tau: float = 0.2
     """τ, the strength of the KL penalty: the loss pulls the log-ratio gap h to 1/(2τ) (TRL calls it beta)"""
-    length_normalize: bool = True
+    length_normalize: bool = False
     """if toggled, divide each completion's log-ratio by its token count (TRL); off: the paper's eq. 17"""
 
 

@@ -30,14 +30,14 @@ from benchmarks.arith.evaluate import evaluate_policy  # noqa: E402
 
 # script -> (its main regularisation knob, the sweep of the full mode; the middle value is the default)
 KNOBS = {
-    "dpo": ("beta", [0.1, 0.3, 1.0]),
-    "ipo": ("tau", [0.05, 0.1, 0.5]),
+    "dpo": ("beta", [1.0, 2.0, 4.0]),
+    "ipo": ("tau", [0.1, 0.2, 0.3]),
     "simpo": ("beta", [1.0, 2.5, 10.0]),
-    "cpl": ("alpha", [0.05, 0.1, 0.5]),
-    "step_dpo": ("beta", [0.1, 0.3, 1.0]),
-    "kto": ("beta", [0.1, 0.3, 1.0]),
-    "lipo": ("beta", [0.1, 0.3, 1.0]),
-    "nash_md": ("beta", [0.05, 0.1, 0.3]),
+    "cpl": ("alpha", [0.05, 0.1, 0.2]),
+    "step_dpo": ("beta", [1.0, 2.0, 4.0]),
+    "kto": ("beta", [1.0, 2.0, 4.0]),
+    "lipo": ("beta", [0.25, 0.5, 1.0]),
+    "nash_md": ("tau", [0.05, 0.1, 0.3]),
 }
 
 

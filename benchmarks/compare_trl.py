@@ -152,7 +152,10 @@ def hyperparameters(algo: str, ours) -> dict:
     names = {"dpo": ["beta", "label_smoothing"], "ipo": ["tau", "length_normalize"],
              "simpo": ["beta", "gamma_beta_ratio", "label_smoothing", "sft_weight"],
              "kto": ["beta", "desirable_weight", "undesirable_weight"]}[algo]
-    return {name: getattr(ours, name) for name in names if hasattr(ours, name)}
+    hp = {name: getattr(ours, name) for name in names if hasattr(ours, name)}
+    if algo == "ipo":
+        hp["length_normalize"] = True  # TRL's IPO always divides by the length; ours sums by default (the paper's)
+    return hp
 
 
 def trl_config_and_trainer(algo: str, hp: dict, common: dict):

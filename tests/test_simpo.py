@@ -64,7 +64,7 @@ def test_completion_lengths_count_the_completion_tokens_with_eos(tokenizer, rows
 
 
 def test_batch_loss_is_the_equation_on_naive_average_logps(tokenizer, rows, model):
-    args = Args(beta=2.0, gamma_beta_ratio=0.4, label_smoothing=0.1)
+    args = Args(beta=2.0, gamma_beta_ratio=0.4, label_smoothing=0.1, sft_weight=0.0)  # the SimPO term alone
     loss, metrics = compute_loss(model, collate(rows, tokenizer.pad_token_id), args)
     expected, margins = [], []
     for r in rows:

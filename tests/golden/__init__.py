@@ -182,7 +182,7 @@ def build_run_golden(script: str, output_dir: Path) -> dict:
         "torchrun_args": run["torchrun_args"],
         "env": RUN_ENV,
         "tolerance": RUN_TOLERANCE,
-        "torchrun_tolerance": TORCHRUN_TOLERANCE,
+        "torchrun_tolerance": run.get("torchrun_tolerance", TORCHRUN_TOLERANCE),
         "generated_with": {"torch": torch.__version__, "python": sys.version.split()[0],
                            "cpu_capability": torch.backends.cpu.get_cpu_capability()},
         "metrics": metrics,

@@ -114,8 +114,8 @@ RUN = {
     "script": "algos/ipo.py",
     "args": ["--max-steps", "4", "--per-device-train-batch-size", "2", "--gradient-accumulation-steps", "2",
              "--learning-rate", "1e-4", "--warmup-ratio", "0", "--logging-steps", "1", "--eval-steps", "2",
-             "--tau", "0.5"],
+             "--tau", "0.5", "--length-normalize"],
     "torchrun_args": ["--max-steps", "4", "--per-device-train-batch-size", "2", "--gradient-accumulation-steps", "1",
                       "--learning-rate", "1e-4", "--warmup-ratio", "0", "--logging-steps", "1", "--eval-steps", "2",
-                      "--tau", "0.5"],
+                      "--tau", "0.5", "--length-normalize"],
 }

@@ -125,4 +125,8 @@ RUN = {
     "torchrun_args": ["--max-steps", "4", "--per-device-train-batch-size", "2", "--gradient-accumulation-steps", "1",
                       "--learning-rate", "1e-4", "--warmup-ratio", "0", "--logging-steps", "1", "--eval-steps", "2",
                       "--beta", "2.5", "--gamma-beta-ratio", "0.5", "--label-smoothing", "0.1", "--sft-weight", "0.5"],
+    # Looser than the default (rtol 1e-5, atol 1e-6) for eval/loss: the SFT term is a token mean per batch (the
+    # script's deviation 6), and evaluation cuts the held-out pairs into different batches on 1 and 2 processes
+    # (measured: relative difference 2e-5); the training steps cut them alike and agree to float rounding.
+    "torchrun_tolerance": {"rtol": 1e-4, "atol": 1e-5},
 }
