@@ -76,7 +76,7 @@ the 2-core CPU:
     --beta 1 --learning-rate 1e-4 --num-train-epochs 2   0.750  0.488  0.53  522 s
     --beta 0.3 --learning-rate 2e-5 --num-train-epochs 3 0.660  0.433  0.75  694 s
 Two epochs at β 1 gain the most, but took 312 s as the default run with two other runs on the CPU (alone, an
-estimated 3 minutes: at the edge of the budget for a default run); one epoch takes half as long.
+estimated 3-4 minutes: over the budget for a default run); one epoch takes half as long.
 As for DPO, the rates that move this ~0.9M-parameter model within an epoch or two need a β well above
 the 0.05 of the large-model command above to keep it near the reference.
 
