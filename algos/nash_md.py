@@ -64,9 +64,8 @@ Deviations from the paper (and from TRL's NashMDTrainer, which we read alongside
 Defaults: τ = 0.1 and β = 0.125 are not tuned: the bundled preference model is at chance against the verifier
 (agreement 0.51, see benchmarks/arith/README.md), so a default run follows noise and no setting can be chosen by
 held-out accuracy until that model learns. The machinery is checked instead by the tabular tests (convergence
-to the regularised Nash equilibrium) and the golden cases. One epoch by default, 94 steps of 32 prompts: with
-other runs sharing the CPU a step took 4-9 s, so whether the default run fits the 5-minute budget alone is
-still to be measured.
+to the regularised Nash equilibrium) and the golden cases. One epoch by default, 94 steps of 32 prompts: about
+2.5 minutes alone on 2 CPU cores (from the 0.66 steps/s, startup included, of `benchmarks/bench_algos.py --quick`).
 
 Logged metrics (TRL's names where they exist; `train/` every `--logging-steps` steps, averaged over the
 prompts seen since the last log and over all processes; `eval/` over the whole held-out split, where the
