@@ -56,13 +56,14 @@ class Args:
     """samples per held-out prompt at temperature 1 (--quick uses 4)"""
     out_dir: str = str(REPO / "benchmarks/results/algos")
     """where results, table and plots go (runs under <out-dir>/runs/)"""
-    threads: int = 2
-    """torch CPU threads of each run and of the evaluation"""
+    threads: int = 1
+    """torch CPU threads of each training run (its --threads; the evaluation uses torch's default)"""
 
 
 def run(script: str, extra: list[str], output_dir: Path, threads: int) -> dict:
     """One training run in its own process: wall time, steps, and peak resident memory (VmHWM)."""
-    command = [sys.executable, str(REPO / "algos" / f"{script}.py"), "--output-dir", str(output_dir), *extra]
+    command = [sys.executable, str(REPO / "algos" / f"{script}.py"), "--output-dir", str(output_dir),
+               "--threads", str(threads), *extra]
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONUNBUFFERED="1")
     start = time.time()
     log = open(output_dir.with_suffix(".log"), "w")
