@@ -10,7 +10,8 @@ from datasets import load_dataset
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
 from benchmarks.arith import task
-from benchmarks.arith.preference import preference_logits
+from benchmarks.arith.build import comparison_starts, line_ends
+from benchmarks.arith.preference import format_comparison, preference_logits
 
 ARITH = Path(__file__).resolve().parents[1] / "benchmarks" / "arith"
 DATA = ARITH / "data"
@@ -69,6 +70,26 @@ def test_a_slip_costs_its_step_and_the_answer():
 def test_wrong_steps_and_answers(completion, steps, answer):
     assert task.check_steps(PROMPT, completion) == steps
     assert task.grade(PROMPT, completion) == task.Grade(sum(steps), 3, answer)
+
+
+def test_line_ends_label_each_line_and_the_solution_so_far():
+    """The preference model's training labels (benchmarks/arith/build.py), by hand: (offset of the line's end,
+    this line wrong, any line so far wrong); the answer line is wrong when the solution is not fully correct."""
+    slip = "12 + 7 = 18\n18 * 3 = 54\n54 - 5 = 49\nAnswer: 49"
+    assert line_ends(PROMPT, slip) == [(11, True, True), (23, False, True), (35, False, True), (46, True, True)]
+    late = "12 + 7 = 19\n19 * 3 = 57\n57 - 5 = 51\nAnswer: 51"
+    assert line_ends(PROMPT, late) == [(11, False, False), (23, False, False), (35, True, True), (46, True, True)]
+    assert [(o, w) for o, w, _ in line_ends(PROMPT, RIGHT)] == [(11, False), (23, False), (35, False), (46, False)]
+    assert [slip[o] for o, *_ in line_ends(PROMPT, slip)[:-1]] == ["\n"] * 3
+
+
+def test_comparison_starts_point_at_the_solutions():
+    tokenizer = AutoTokenizer.from_pretrained(ARITH / "preference_model")
+    a, b = "12 + 7 = 18\nAnswer: 18", "12 + 7 = 19\nAnswer: 19"
+    ids = tokenizer(format_comparison(PROMPT, a, b)).input_ids
+    a_start, b_start = comparison_starts(tokenizer, PROMPT, a)
+    assert tokenizer.decode(ids[a_start:a_start + len(a)]) == a
+    assert tokenizer.decode(ids[b_start:b_start + len(b)]) == b and b_start + len(b) == len(ids) - 1
 
 
 def test_parse_answer():
@@ -176,8 +197,6 @@ def test_base_model_loads_and_prefers_the_right_solution():
     assert logp("2 + 7 = 9\n9 * 3 = 27\n27 - 5 = 22\nAnswer: 22") > logp("2 + 7 = 8\n8 * 3 = 24\n24 - 5 = 19\nAnswer: 19")
 
 
-@pytest.mark.xfail(strict=True, reason="known defect: the committed preference model was trained to chance-level "
-                   "agreement with the verifier (build_summary.json: 0.51, see benchmarks/arith/README.md); making it learn is open work")
 def test_preference_model_loads_and_mostly_agrees_with_the_verifier():
     tokenizer = AutoTokenizer.from_pretrained(ARITH / "preference_model")
     model = AutoModelForSequenceClassification.from_pretrained(ARITH / "preference_model").eval()
@@ -187,4 +206,4 @@ def test_preference_model_loads_and_mostly_agrees_with_the_verifier():
         forward = preference_logits(model, tokenizer, prompts, chosen, rejected)
         backward = preference_logits(model, tokenizer, prompts, rejected, chosen)
     assert forward.shape == (len(pairs),)
-    assert ((forward > 0).float().mean() + (backward < 0).float().mean()) / 2 > 0.6
+    assert ((forward > 0).float().mean() + (backward < 0).float().mean()) / 2 > 0.7  # 0.79 on these 64 (0.78 on all 167)

@@ -7,13 +7,16 @@
    near miss with probability --error-rate (later steps carry the wrong value on), so that it knows
    how but is sloppy: often wrong when sampled, less often when greedy;
 3. data from the base model's own samples at temperature 1, graded by the verifier;
-4. a preference model (sequence classification, initialised from the base model) trained on pairs
-   of those samples; its agreement with the verifier on the held-out pairs is reported.
+4. a preference model (sequence classification, initialised from the base model) trained in two
+   stages: first to flag wrong steps in synthetic solutions (checking arithmetic is what a judge of this
+   task needs, and a pairwise target alone never taught it), then on pairs of the base model's samples;
+   its agreement with the verifier on the held-out pairs is reported.
 
 Deterministic given --seed and --threads on one machine with one torch version (different CPUs can
 round differently, which changes the sampled data but not its statistics).
 """
 
+import copy
 import json
 import math
 import random
@@ -30,7 +33,7 @@ from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, LlamaForS
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # so that it also runs as a script
 from benchmarks.arith import task
 from benchmarks.arith.evaluate import generate
-from benchmarks.arith.preference import preference_logits
+from benchmarks.arith.preference import format_comparison, preference_logits
 
 # The template reproduces the standard format exactly: a user message becomes the prompt line
 # "Q: ...\n" and an assistant message is the completion as is. It emits neither BOS nor EOS.
@@ -72,12 +75,19 @@ class Args:
     """held-out prompts with answers (data/eval.jsonl)"""
     samples_per_prompt: int = 4
     """base-model samples per prompt at temperature 1"""
-    pm_steps: int = 200
-    """training steps of the preference model"""
+    verifier_steps: int = 2500
+    """steps of the preference model's first stage: flagging the wrong steps of synthetic solutions"""
+    verifier_error_rate: float = 0.3
+    """probability that a step of a synthetic solution of the first stage is wrong"""
+    pm_extra_layers: int = 2
+    """decoder layers the preference model adds on top of the base model's (identity at initialisation), so that
+    the verdicts on the steps, which the base model's layers compute last, can still be compared across solutions"""
+    pm_steps: int = 1000
+    """steps of the preference model's second stage: comparisons of the base model's samples"""
     pm_batch_size: int = 64
-    """comparisons per preference-model step"""
-    pm_lr: float = 5e-4
-    """peak learning rate of the preference model"""
+    """solutions (first stage) or comparisons (second stage) per preference-model step"""
+    pm_lr: float = 1e-3
+    """peak learning rate of both preference-model stages"""
     preference_model_only: bool = False
     """retrain only the preference model, from out_dir's model/ and data/ (the samples are the rows of
     data/unpaired_train.jsonl, in order), and update build_summary.json"""
@@ -215,9 +225,75 @@ def step_pair(rng: random.Random, prompt: str, completions: list[str]) -> dict |
     return None
 
 
-def train_preference_model(args: Args, model_dir: Path, tokenizer, samples: dict[str, list[str]]):
-    """All ordered pairs of distinct samples of a training prompt, with the verifier's verdict as
-    a soft target: 1 if the first scores higher, 0 if lower, 1/2 on a tie (both orders are in)."""
+def line_ends(prompt: str, completion: str) -> list[tuple[int, bool, bool]]:
+    """For each line of a completion: the character offset of its end (its newline, or the end of the text),
+    whether the line is wrong (a step, or the answer line of a solution that is not fully correct) and whether
+    any line so far is."""
+    verdicts, correct = task.check_steps(prompt, completion), task.grade(prompt, completion).correct
+    out, offset, wrong_so_far = [], 0, False
+    for k, line in enumerate(completion.split("\n")):
+        offset += len(line)
+        wrong = not verdicts[k] if k < len(verdicts) else not correct
+        wrong_so_far |= wrong
+        out.append((offset, wrong, wrong_so_far))
+        offset += 1
+    return out
+
+
+def comparison_starts(tokenizer, prompt: str, a: str) -> tuple[int, int]:
+    """The token indices where `a` and `b` start in the preference model's input (one token per character
+    after BOS)."""
+    text = format_comparison(prompt, "\x00", "\x01")  # where a and b go
+    a_start = len(tokenizer(text[:text.index("\x00")]).input_ids)
+    return a_start, a_start + len(a) + text.index("\x01") - text.index("\x00") - 1
+
+
+def bce(logits: torch.Tensor, targets) -> torch.Tensor:
+    return torch.nn.functional.binary_cross_entropy_with_logits(logits, torch.as_tensor(targets, dtype=logits.dtype))
+
+
+def train_step_verifier(args: Args, model_dir: Path, tokenizer) -> LlamaForSequenceClassification:
+    """Stage 1: the base model with a score head that reads, at the end of each step line of a synthetic
+    solution (a training problem, each step wrong with probability --verifier-error-rate), the log-odds that
+    this step is wrong. A label for every line gives the dense signal that checking arithmetic takes to learn."""
+    model = LlamaForSequenceClassification.from_pretrained(model_dir, num_labels=1)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.pm_lr, weight_decay=0.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(args.verifier_steps))
+    rng = random.Random(args.seed + 5)
+    model.train()
+    for step in range(args.verifier_steps):
+        texts, positions, labels = [], [], []
+        while len(texts) < args.pm_batch_size:
+            operands, ops = task.sample_problem(rng)
+            if task.split_of(task.question(operands, ops)) != "train":
+                continue
+            prompt = task.format_prompt(task.question(operands, ops))
+            completion = noisy_solution(rng, operands, ops, args.verifier_error_rate)
+            start = len(tokenizer(prompt).input_ids)  # one token per character after BOS
+            for offset, wrong, _ in line_ends(prompt, completion)[:len(ops)]:  # the step lines
+                positions.append((len(texts), start + offset))
+                labels.append(float(wrong))
+            texts.append(prompt + completion)
+        hidden = model.model(**tokenizer(texts, padding=True, return_tensors="pt")).last_hidden_state
+        rows, columns = torch.tensor(positions).T
+        loss = bce(model.score(hidden[rows, columns])[:, 0], labels)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad()
+        if step % 100 == 0 or step == args.verifier_steps - 1:
+            print(f"step verifier step {step}: loss {loss.item():.4f}", flush=True)
+    return model.eval()
+
+
+def train_preference_model(args: Args, verifier: LlamaForSequenceClassification, tokenizer,
+                           samples: dict[str, list[str]]) -> LlamaForSequenceClassification:
+    """Stage 2: the verifier's layers plus --pm-extra-layers new ones and a new score head, trained on all ordered
+    pairs of distinct samples of a training prompt with the verifier's verdict as a soft target (1 if `a` scores
+    higher, 0 if lower, 1/2 on a tie; both orders are in). Two auxiliary heads, dropped afterwards, keep the
+    signal dense: at each line end of both solutions, whether that solution has gone wrong so far; at every token
+    of `b`, whether `a` is wrong (which teaches the positions of `b` to look back at `a`)."""
     comparisons = []
     for prompt, completions in samples.items():
         scores = [task.grade(prompt, c).score for c in completions]
@@ -225,17 +301,43 @@ def train_preference_model(args: Args, model_dir: Path, tokenizer, samples: dict
             for j, (b, sb) in enumerate(zip(completions, scores)):
                 if i != j:
                     comparisons.append((prompt, a, b, 1.0 if sa > sb else 0.0 if sa < sb else 0.5))
-    model = LlamaForSequenceClassification.from_pretrained(model_dir, num_labels=1)  # a fresh score head
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.pm_lr, weight_decay=0.0)
+    config = copy.deepcopy(verifier.config)
+    config.num_hidden_layers += args.pm_extra_layers
+    model = LlamaForSequenceClassification(config)
+    state = {k: v for k, v in verifier.state_dict().items() if not k.startswith("score.")}
+    assert not model.load_state_dict(state, strict=False).unexpected_keys
+    with torch.no_grad():  # a new layer adds nothing to the residual stream until trained
+        for layer in model.model.layers[verifier.config.num_hidden_layers:]:
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+    wrong_so_far_head, other_wrong_head = torch.nn.Linear(config.hidden_size, 1), torch.nn.Linear(config.hidden_size, 1)
+    parameters = [*model.parameters(), *wrong_so_far_head.parameters(), *other_wrong_head.parameters()]
+    optimizer = torch.optim.AdamW(parameters, lr=args.pm_lr, weight_decay=0.0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(args.pm_steps))
     rng = random.Random(args.seed + 3)
+    assert tokenizer.padding_side == "right"  # the score is read at the last non-pad token
     model.train()
     for step in range(args.pm_steps):
-        prompts, a, b, target = zip(*rng.sample(comparisons, args.pm_batch_size))
-        logits = preference_logits(model, tokenizer, list(prompts), list(a), list(b))
-        loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, torch.tensor(target))
+        batch = rng.sample(comparisons, args.pm_batch_size)
+        enc = tokenizer([format_comparison(p, a, b) for p, a, b, _ in batch], padding=True, return_tensors="pt")
+        hidden = model.model(**enc).last_hidden_state
+        last = enc.attention_mask.sum(1) - 1  # right padding
+        loss = bce(model.score(hidden[torch.arange(len(batch)), last])[:, 0], [t for *_, t in batch])
+
+        positions, labels, b_mask, a_wrong = [], [], torch.zeros(enc.input_ids.shape, dtype=torch.bool), []
+        for row, (prompt, a, b, _) in enumerate(batch):
+            a_start, b_start = comparison_starts(tokenizer, prompt, a)
+            for start, completion in ((a_start, a), (b_start, b)):
+                for offset, _, wrong_so_far in line_ends(prompt, completion):
+                    positions.append((row, start + offset))
+                    labels.append(float(wrong_so_far))
+            b_mask[row, b_start:last[row] + 1] = True
+            a_wrong.append(float(not task.grade(prompt, a).correct))
+        rows, columns = torch.tensor(positions).T
+        loss = loss + bce(wrong_so_far_head(hidden[rows, columns])[:, 0], labels)
+        loss = loss + bce(other_wrong_head(hidden[b_mask])[:, 0], torch.tensor(a_wrong)[:, None].expand_as(b_mask)[b_mask])
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(parameters, 1.0)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad()
@@ -303,7 +405,9 @@ def build_preference_model(args: Args, out: Path) -> dict:
     samples = {}
     for row in read_jsonl(out / "data" / "unpaired_train.jsonl"):
         samples.setdefault(row["prompt"], []).append(row["completion"])
-    preference_model = train_preference_model(args, out / "model", tokenizer, samples)
+    verifier = train_step_verifier(args, out / "model", tokenizer)
+    print(f"step verifier: {time.time() - start:.0f} s", flush=True)
+    preference_model = train_preference_model(args, verifier, tokenizer, samples)
     preference_model.save_pretrained(out / "preference_model")
     return {"preference_model_agreement": agreement(preference_model, tokenizer, read_jsonl(out / "data" / "pairs_test.jsonl")),
             "preference_model_seconds": round(time.time() - start)}
