@@ -1,7 +1,7 @@
 """Every algorithm on the bundled task, side by side: held-out accuracy, KL to the base model, speed.
 
     pip install -r requirements.txt -r benchmarks/requirements.txt
-    python benchmarks/bench_algos.py --quick       # each script's defaults, 1 seed, 40 steps (4.4 min on 2 cores)
+    python benchmarks/bench_algos.py --quick       # each script's defaults, 1 seed, 40 steps (5.1 min on 2 cores)
     python benchmarks/bench_algos.py               # 3 seeds x 3 values of each main knob (~3.5 h on 2 cores,
                                                    # estimated: 72 runs of 1.5-3 min plus ~1 min of evaluation)
     python benchmarks/bench_algos.py --scripts dpo ipo --seeds 1 2
