@@ -142,6 +142,15 @@ def warmup_cosine(steps: int):
     return lambda s: min(1.0, (s + 1) / warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * s / steps)))
 
 
+def optimizer_step(loss: torch.Tensor, optimizer, scheduler, parameters) -> None:
+    """Backward, clip the gradient norm to 1, step, advance the schedule, clear the gradients."""
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(parameters, 1.0)
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad()
+
+
 def greedy_accuracy(model, tokenizer, prompts: list[str]) -> float:
     model.eval()
     completions = generate(model, tokenizer, prompts, temperature=0.0)
@@ -170,11 +179,7 @@ def train_base_model(args: Args, tokenizer) -> LlamaForCausalLM:
                 prompts.append(task.format_prompt(q))
                 completions.append(noisy_solution(rng, operands, ops, args.error_rate))
         loss = model(**lm_batch(tokenizer, prompts, completions)).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad()
+        optimizer_step(loss, optimizer, scheduler, model.parameters())
         if (step + 1) % 50 == 0:
             accuracy = greedy_accuracy(model, tokenizer, validation) if step + 1 >= args.lm_steps // 2 else math.nan
             print(f"base model step {step + 1}: loss {loss.item():.4f}, validation greedy accuracy {accuracy:.3f}", flush=True)
@@ -265,9 +270,10 @@ def train_step_verifier(args: Args, model_dir: Path, tokenizer) -> LlamaForSeque
         texts, positions, labels = [], [], []
         while len(texts) < args.pm_batch_size:
             operands, ops = task.sample_problem(rng)
-            if task.split_of(task.question(operands, ops)) != "train":
+            question = task.question(operands, ops)
+            if task.split_of(question) != "train":
                 continue
-            prompt = task.format_prompt(task.question(operands, ops))
+            prompt = task.format_prompt(question)
             completion = noisy_solution(rng, operands, ops, args.verifier_error_rate)
             start = len(tokenizer(prompt).input_ids)  # one token per character after BOS
             for offset, wrong, _ in line_ends(prompt, completion)[:len(ops)]:  # the step lines
@@ -277,11 +283,7 @@ def train_step_verifier(args: Args, model_dir: Path, tokenizer) -> LlamaForSeque
         hidden = model.model(**tokenizer(texts, padding=True, return_tensors="pt")).last_hidden_state
         rows, columns = torch.tensor(positions).T
         loss = bce(model.score(hidden[rows, columns])[:, 0], labels)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad()
+        optimizer_step(loss, optimizer, scheduler, model.parameters())
         if step % 100 == 0 or step == args.verifier_steps - 1:
             print(f"step verifier step {step}: loss {loss.item():.4f}", flush=True)
     return model.eval()
@@ -315,7 +317,6 @@ def train_preference_model(args: Args, verifier: LlamaForSequenceClassification,
     optimizer = torch.optim.AdamW(parameters, lr=args.pm_lr, weight_decay=0.0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(args.pm_steps))
     rng = random.Random(args.seed + 3)
-    assert tokenizer.padding_side == "right"  # the score is read at the last non-pad token
     model.train()
     for step in range(args.pm_steps):
         batch = rng.sample(comparisons, args.pm_batch_size)
@@ -336,11 +337,7 @@ def train_preference_model(args: Args, verifier: LlamaForSequenceClassification,
         rows, columns = torch.tensor(positions).T
         loss = loss + bce(wrong_so_far_head(hidden[rows, columns])[:, 0], labels)
         loss = loss + bce(other_wrong_head(hidden[b_mask])[:, 0], torch.tensor(a_wrong)[:, None].expand_as(b_mask)[b_mask])
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(parameters, 1.0)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad()
+        optimizer_step(loss, optimizer, scheduler, parameters)
         if step % 50 == 0 or step == args.pm_steps - 1:
             print(f"preference model step {step}: loss {loss.item():.4f}", flush=True)
     return model.eval()
@@ -405,6 +402,7 @@ def build_preference_model(args: Args, out: Path) -> dict:
     samples = {}
     for row in read_jsonl(out / "data" / "unpaired_train.jsonl"):
         samples.setdefault(row["prompt"], []).append(row["completion"])
+    assert tokenizer.padding_side == "right"  # both stages index tokens from the left and read the last non-pad one
     verifier = train_step_verifier(args, out / "model", tokenizer)
     print(f"step verifier: {time.time() - start:.0f} s", flush=True)
     preference_model = train_preference_model(args, verifier, tokenizer, samples)
