@@ -3,7 +3,8 @@
 Semantics (both paths):
     logp[i]      = logits[i, labels[i]] - logsumexp(logits[i, :])          (float32)
     dlogits[i,v] = g[i] * (1[v == labels[i]] - softmax(logits[i])[v])      (fp32 math, rounded once)
-    ignored positions (labels[i] == ignore_index): logp 0, gradient 0.
+    ignored positions (labels[i] == ignore_index): logp 0, gradient exactly 0 (selected, not multiplied
+    by 0, so a NaN or inf logit in an ignored row does not reach the gradient).
 """
 
 import os
@@ -18,12 +19,12 @@ _CHUNK_ELEMENTS = 1 << 22
 TRITON_ON_CPU = os.environ.get("KERNELS_TRITON_ON_CPU") == "1"
 
 
-def _check_labels(labels: torch.Tensor, vocab_size: int, ignore_index: int) -> None:
+def _check_labels(labels: torch.Tensor, vocab_size: int, ignore_index: int, name: str) -> None:
     bad = (labels != ignore_index) & ((labels < 0) | (labels >= vocab_size))
     if bool(bad.any()):
         value = labels[bad][0].item()
         raise ValueError(
-            f"logprobs: label {value} is outside the vocabulary [0, {vocab_size}) and is not "
+            f"{name}: label {value} is outside the vocabulary [0, {vocab_size}) and is not "
             f"ignore_index ({ignore_index}). Mask padding and prompt positions with ignore_index, and "
             f"check that the tokenizer and the model's output layer have the same vocabulary size."
         )
@@ -71,7 +72,9 @@ def _torch_backward(logits3d, labels2d, lse, grad_logp, ignore_index: int):
         # saved logsumexp so it does not cancel when p -> 1, then rounded once to the logits dtype.
         chunk_grad = -probs
         chunk_grad.scatter_add_(-1, safe[a, t, None], torch.ones_like(probs[:, :1]))
-        grad[a, t] = (chunk_grad * g[a, t, None]).to(grad.dtype)
+        # Ignored rows are selected to 0, not multiplied by g = 0: their logits may be NaN or inf.
+        chunk_grad = torch.where(valid[a, t, None], chunk_grad * g[a, t, None], 0.0)
+        grad[a, t] = chunk_grad.to(grad.dtype)
     return grad
 
 
@@ -112,18 +115,41 @@ class _LogProbs(torch.autograd.Function):
         return grad.view(ctx.logits_shape), None, None
 
 
-def _validate(logits_shape, labels, is_cuda: bool, ignore_index: int, check_labels: bool | None) -> None:
+# Dtypes the op reads (fp64 is accepted and, like the others, computed in fp32). Labels: the two integer
+# dtypes that hold both token ids and a negative ignore_index; others (uint8, int16, bool) would wrap or
+# overflow, so they are refused rather than converted.
+LOGIT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+LABEL_DTYPES = (torch.int64, torch.int32)
+
+
+def _validate_labels(labels: torch.Tensor, name: str) -> None:
+    if labels.dtype not in LABEL_DTYPES:
+        raise ValueError(
+            f"{name}: labels must be int64 or int32 token ids, got {labels.dtype} (other dtypes cannot hold "
+            f"every token id and a negative ignore_index); cast them with labels.long()"
+        )
+
+
+def _validate_floats(name: str, **tensors: torch.Tensor) -> None:
+    for what, tensor in tensors.items():
+        if tensor.dtype not in LOGIT_DTYPES:
+            raise ValueError(
+                f"{name}: {what} must be float32, bfloat16 or float16 (or float64), got {tensor.dtype}; "
+                f"cast with {what}.float()"
+            )
+
+
+def _validate(logits_shape, labels, is_cuda: bool, ignore_index: int, check_labels: bool | None, name="logprobs") -> None:
     if logits_shape[:-1] != labels.shape:
         raise ValueError(
-            f"logprobs: logits {tuple(logits_shape)} and labels {tuple(labels.shape)} must share the "
+            f"{name}: logits {tuple(logits_shape)} and labels {tuple(labels.shape)} must share the "
             f"leading shape (logits is (..., V), labels is (...)); shift one of them by a position?"
         )
-    if labels.dtype.is_floating_point or labels.dtype == torch.bool:
-        raise ValueError(f"logprobs: labels must be an integer tensor, got {labels.dtype}")
+    _validate_labels(labels, name)
     if check_labels is None:
         check_labels = not is_cuda or os.environ.get("KERNELS_CHECK_LABELS") == "1"
     if check_labels:
-        _check_labels(labels, logits_shape[-1], ignore_index)
+        _check_labels(labels, logits_shape[-1], ignore_index, name)
 
 
 def logprobs(
@@ -135,9 +161,10 @@ def logprobs(
     """Log-probability of each label under softmax(logits), differentiable with respect to logits.
 
     Args:
-        logits: (..., V) float32, bfloat16 or float16; any strides (e.g. the view `logits[:, :-1]`).
-        labels: (...) integer token ids, the leading shape of `logits`; `ignore_index` marks
-            positions to skip (their log-prob is 0 and they receive no gradient).
+        logits: (..., V) float32, bfloat16 or float16 (float64 is computed in fp32); any strides (e.g. the
+            view `logits[:, :-1]`).
+        labels: (...) int64 or int32 token ids, the leading shape of `logits`; `ignore_index` marks
+            positions to skip (their log-prob is 0 and their gradient exactly 0, whatever their logits).
         ignore_index: the label value that marks ignored positions.
         check_labels: raise a ValueError for labels outside [0, V) other than `ignore_index`.
             None (default) checks CPU tensors, where it costs no device sync, and skips CUDA tensors
@@ -147,8 +174,9 @@ def logprobs(
     Returns:
         float32 tensor of `labels.shape`.
     """
+    _validate_floats("logprobs", logits=logits)
     _validate(logits.shape, labels, logits.is_cuda, ignore_index, check_labels)
-    return _LogProbs.apply(logits, labels, ignore_index)
+    return _LogProbs.apply(logits, labels.long(), ignore_index)
 
 
 def logprobs_reference(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100):

@@ -57,11 +57,11 @@ def _backward_kernel(
     x = tl.load(row_ptr + cols, mask=mask, other=0.0).to(tl.float32)
     label = tl.load(labels_ptr + row)
     g = tl.load(grad_logp_ptr + row)
-    g = tl.where(label == IGNORE_INDEX, 0.0, g)
     probs = tl.exp(x - tl.load(lse_ptr + row))
     # onehot - softmax in fp32 (at the label: 1 - p, no cancellation to the logits' precision),
-    # times the upstream gradient, rounded once by the store.
-    grad = g * (tl.where(cols == label, 1.0, 0.0) - probs)
+    # times the upstream gradient, rounded once by the store. Ignored rows are selected to 0, not
+    # multiplied by 0: their logits may be NaN or inf.
+    grad = tl.where(label == IGNORE_INDEX, 0.0, g * (tl.where(cols == label, 1.0, 0.0) - probs))
     tl.store(grad_ptr + row * vocab + cols, grad.to(grad_ptr.dtype.element_ty), mask=mask)
 
 

@@ -170,8 +170,38 @@ def test_shape_and_dtype_errors():
     logits, labels = make(4, 30)
     with pytest.raises(ValueError, match="leading shape"):
         logprobs(logits, labels[:3])
-    with pytest.raises(ValueError, match="integer"):
-        logprobs(logits, labels.float())
+    for dtype in (torch.float32, torch.uint8, torch.int16, torch.bool):
+        # uint8 cannot hold -100 or ids >= 256; these used to pass the check and fail inside gather
+        with pytest.raises(ValueError, match="int64 or int32 token ids.*labels.long"):
+            logprobs(logits, labels.to(dtype))
+    for dtype in (torch.int64, torch.int32, torch.bool):
+        with pytest.raises(ValueError, match="logits must be float32.*cast with logits.float"):
+            logprobs(logits.to(dtype), labels)
+
+
+def test_int32_labels_match_int64(impl):
+    logits, labels = make(6, 40)
+    labels[1] = -100
+    torch.testing.assert_close(logprobs(logits, labels.int()), logprobs(logits, labels), rtol=0, atol=0)
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # the interpreter's NaN - NaN
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_non_finite_logits_at_ignored_positions_give_zero_gradient(impl, bad):
+    # The README promises log-prob 0 and gradient 0 at ignored positions, whatever their logits hold
+    # (a masked position's logits are often garbage); 0 * NaN would be NaN.
+    logits, labels = make(5, 60)
+    logits[1, 7] = bad
+    logits[3] = bad
+    labels[[1, 3]] = -100
+    upstream = torch.randn(5, generator=torch.Generator().manual_seed(2))
+    logp, grad = run(logits, labels, upstream)
+    assert (logp[[1, 3]] == 0).all() and (grad[[1, 3]] == 0).all()
+    # the other rows as before (float64 autograd itself gives NaN in the ignored rows, so compare these)
+    ref_logp, ref_grad = reference(logits, labels, upstream)
+    kept = [0, 2, 4]
+    torch.testing.assert_close(logp[kept].double(), ref_logp[kept], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(grad[kept].double(), ref_grad[kept], atol=1e-6, rtol=1e-5)
 
 
 def test_torch_path_chunks_rows(monkeypatch):
@@ -229,14 +259,157 @@ def test_linear_logprobs_matches_unfused(impl, dtype, chunk_tokens):
     torch.testing.assert_close(w.grad.double(), w64.grad, **tol)
 
 
-def test_linear_logprobs_frozen_weight_and_errors():
+def linear_reference(hidden, weight, labels, bias=None, scale=None, softcap=None, temperature=None, ignore_index=-100):
+    """float64: logits = softcap * tanh((hidden @ weight.T + bias) * scale / softcap) / temperature, then the
+    log-prob of each label and the entropy; ignored positions 0. Returns leaf tensors to differentiate."""
+    leaves = [x.detach().double().requires_grad_(True) for x in (hidden, weight) + (() if bias is None else (bias,))]
+    logits = leaves[0] @ leaves[1].T + (0 if bias is None else leaves[2])
+    logits = logits * (1 if scale is None else scale)
+    if softcap is not None:
+        logits = softcap * torch.tanh(logits / softcap)
+    logits = logits / (1 if temperature is None else temperature)
+    log_probs = torch.log_softmax(logits, -1)
+    valid = labels != ignore_index
+    logp = torch.where(valid, log_probs.gather(-1, torch.where(valid, labels, 0)[..., None])[..., 0], 0.0)
+    entropy = torch.where(valid, -(log_probs.exp() * log_probs).sum(-1), 0.0)
+    return logp, entropy, leaves
+
+
+TRANSFORMS = {
+    "plain": {},
+    "bias": dict(bias=True),
+    "scale": dict(scale=0.25),
+    "softcap": dict(softcap=2.0),
+    "temperature": dict(temperature=0.7),
+    "all": dict(bias=True, scale=3.0, softcap=1.5, temperature=1.3),
+}
+
+
+@pytest.mark.parametrize("entropy", [False, True], ids=["logp", "entropy"])
+@pytest.mark.parametrize("transform", list(TRANSFORMS))
+def test_linear_logprobs_transforms_against_float64(impl, transform, entropy):
+    # fp32 inputs, several chunks, ignored positions: values and gradients for hidden, weight and bias
+    # against float64 autograd of the definition. Logits here are O(3), so fp32 error is ~1e-6.
+    options = dict(TRANSFORMS[transform])
+    gen = torch.Generator().manual_seed(11)
+    hidden = torch.randn(3, 7, 16, generator=gen)
+    weight = torch.randn(45, 16, generator=gen) / 2
+    bias = torch.randn(45, generator=gen) if options.pop("bias", False) else None
+    labels = torch.randint(0, 45, (3, 7), generator=gen)
+    labels[0, :2] = -100
+    labels[2, 5] = -100
+    up_logp, up_entropy = torch.randn(2, 3, 7, generator=gen)
+    leaves = [x.clone().requires_grad_(True) for x in (hidden, weight) + (() if bias is None else (bias,))]
+    out = linear_logprobs(*leaves[:2], labels, chunk_tokens=4, bias=leaves[2] if bias is not None else None,
+                          return_entropy=entropy, **options)
+    logp, ent = out if entropy else (out, None)
+    loss = (logp * up_logp).sum() + (0 if ent is None else (ent * up_entropy).sum())
+    grads = torch.autograd.grad(loss, leaves)
+    ref_logp, ref_ent, ref_leaves = linear_reference(hidden, weight, labels, bias, **options)
+    ref_loss = (ref_logp * up_logp.double()).sum() + (0 if ent is None else (ref_ent * up_entropy.double()).sum())
+    ref_grads = torch.autograd.grad(ref_loss, ref_leaves)
+    assert logp.dtype == torch.float32 and logp.shape == labels.shape
+    torch.testing.assert_close(logp.double(), ref_logp.detach(), atol=2e-5, rtol=1e-5)
+    if entropy:
+        assert ent.shape == labels.shape and (ent[labels == -100] == 0).all()
+        torch.testing.assert_close(ent.double(), ref_ent.detach(), atol=2e-5, rtol=1e-5)
+    for name, grad, ref in zip(["hidden", "weight", "bias"], grads, ref_grads):
+        assert grad.dtype == torch.float32, name
+        torch.testing.assert_close(grad.double(), ref, atol=2e-5, rtol=1e-4, msg=lambda m: f"{name}: {m}")
+    assert (grads[0][labels == -100] == 0).all()
+
+
+def test_linear_logprobs_entropy_without_its_gradient():
+    # The entropy logged, not trained on: the same gradients as logp alone.
+    hidden, weight = torch.randn(6, 8, requires_grad=True), torch.randn(20, 8, requires_grad=True)
+    labels = torch.randint(0, 20, (6,))
+    logp, _ = linear_logprobs(hidden, weight, labels, return_entropy=True, softcap=2.0)
+    with_entropy = torch.autograd.grad(logp.sum(), (hidden, weight))
+    alone = torch.autograd.grad(linear_logprobs(hidden, weight, labels, softcap=2.0).sum(), (hidden, weight))
+    for a, b in zip(with_entropy, alone):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("family", ["gemma2", "cohere"])
+def test_linear_logprobs_matches_model_families(family):
+    # The arguments map onto transformers' own definitions: the model's logits (Gemma 2 caps the lm_head
+    # output with config.final_logit_softcapping; Cohere multiplies it by config.logit_scale), divided by
+    # a sampling temperature as generation does, against linear_logprobs on the last hidden states.
+    import transformers
+
+    common = dict(vocab_size=97, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                  num_attention_heads=2, num_key_value_heads=1, head_dim=8)
+    if family == "gemma2":
+        config = transformers.Gemma2Config(**common, final_logit_softcapping=1.5)
+        options = dict(softcap=config.final_logit_softcapping)
+        model = transformers.Gemma2ForCausalLM(config)
+    else:
+        config = transformers.CohereConfig(**common, logit_scale=0.3)
+        options = dict(scale=config.logit_scale)
+        model = transformers.CohereForCausalLM(config)
+    torch.manual_seed(0)
+    for p in model.parameters():  # random weights large enough that the cap and the scale matter
+        torch.nn.init.normal_(p, std=0.5)
+    ids = torch.randint(0, 97, (2, 6), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        hidden = model.model(input_ids=ids).last_hidden_state
+        logits = model(input_ids=ids).logits
+    temperature = 0.8
+    expected = torch.log_softmax(logits.double() / temperature, -1).gather(-1, ids[..., None])[..., 0]
+    got = linear_logprobs(hidden, model.lm_head.weight.detach(), ids, temperature=temperature, **options)
+    if family == "gemma2":
+        assert logits.abs().max() < config.final_logit_softcapping  # the cap was applied
+    torch.testing.assert_close(got.double(), expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_linear_logprobs_non_finite_hidden_at_ignored_positions(impl, bad):
+    # Hidden states (so logits) that are NaN or inf at ignored positions reach neither output nor gradient.
+    gen = torch.Generator().manual_seed(12)
+    hidden, weight = torch.randn(2, 5, 8, generator=gen), torch.randn(30, 8, generator=gen)
+    labels = torch.randint(0, 30, (2, 5), generator=gen)
+    labels[1, 2] = -100
+    clean_h, clean_w = hidden.clone().requires_grad_(True), weight.clone().requires_grad_(True)
+    linear_logprobs(clean_h, clean_w, labels, chunk_tokens=3).sum().backward()
+    hidden[1, 2] = bad
+    h, w = hidden.requires_grad_(True), weight.clone().requires_grad_(True)
+    logp = linear_logprobs(h, w, labels, chunk_tokens=3)
+    logp.sum().backward()
+    assert logp[1, 2] == 0 and (h.grad[1, 2] == 0).all()
+    torch.testing.assert_close(h.grad, clean_h.grad, rtol=0, atol=0)
+    torch.testing.assert_close(w.grad, clean_w.grad, rtol=0, atol=0)
+
+
+def test_linear_logprobs_frozen_weight_positional_call_and_int32_labels():
     hidden = torch.randn(5, 8, requires_grad=True)
     weight = torch.randn(11, 8)
     labels = torch.randint(0, 11, (5,))
-    linear_logprobs(hidden, weight, labels).sum().backward()
+    labels[0] = 3
+    logp = linear_logprobs(hidden, weight, labels, 3, 2)  # ignore_index, chunk_tokens, positionally
+    logp.sum().backward()
     assert hidden.grad is not None and weight.grad is None
-    with pytest.raises(ValueError, match="outside the vocabulary"):
-        linear_logprobs(hidden, weight, torch.full((5,), 11))
-    with pytest.raises(ValueError, match="cast one"):
-        linear_logprobs(hidden, weight.double(), labels)
+    assert logp[0] == 0 and (hidden.grad[0] == 0).all()
+    torch.testing.assert_close(linear_logprobs(hidden, weight, labels.int()), linear_logprobs(hidden, weight, labels))
 
+
+def test_linear_logprobs_errors():
+    hidden, weight, labels = torch.randn(5, 8), torch.randn(11, 8), torch.randint(0, 11, (5,))
+    cases = [
+        (dict(labels=torch.full((5,), 11)), "outside the vocabulary"),
+        (dict(weight=weight.double()), "cast them to one dtype"),
+        (dict(bias=torch.randn(11).half()), "cast them to one dtype"),
+        # a 1-D weight used to be read as a vocabulary of 8 and blamed on the labels
+        (dict(weight=torch.randn(8)), "weight must be the \\(vocab, hidden\\) output projection"),
+        (dict(weight=torch.randn(11, 9)), "hidden size of weight"),
+        (dict(bias=torch.randn(10)), "bias must be \\(11,\\)"),
+        (dict(labels=labels.to(torch.uint8)), "int64 or int32"),
+        (dict(hidden=hidden.long(), weight=weight.long()), "hidden must be float32"),
+        (dict(labels=labels[:4]), "leading shape"),
+        (dict(softcap=0.0), "softcap must be > 0"),
+        (dict(temperature=-1.0), "temperature must be > 0"),
+        (dict(scale=float("nan")), "scale must be a finite number"),
+    ] + [(dict(chunk_tokens=bad), "chunk_tokens must be a positive int") for bad in (-1, 0, 2.5, True)]
+    for change, message in cases:
+        args = dict(hidden=hidden, weight=weight, labels=labels) | change
+        with pytest.raises(ValueError, match=message):
+            linear_logprobs(**args)
