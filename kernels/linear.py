@@ -83,6 +83,9 @@ class _LinearLogProbs(torch.autograd.Function):
                 # H = lse - sum(p * z): one more reduction per row.
                 probs = torch.exp(z.float() - lse[chunk, None])
                 entropy[chunk] = lse[chunk] - (probs * z).sum(-1)
+                del probs
+            # Freed before the next chunk's logits exist: two chunks alive at once would double the peak.
+            del z
         ctx.save_for_backward(hidden, weight, bias, labels, lse, entropy)
         ctx.ignore_index, ctx.chunk_tokens, ctx.transform = ignore_index, chunk_tokens, transform
         return logp, entropy
@@ -115,6 +118,7 @@ class _LinearLogProbs(torch.autograd.Function):
                 _accumulate(grad_weight, grad.T, hidden[chunk])
             if need_bias:
                 grad_bias += grad.sum(0, dtype=torch.float32)
+            del z, derivative, grad  # as in forward: one chunk's logits and gradient alive at a time
         return (
             grad_hidden,
             None if grad_weight is None else grad_weight.to(weight.dtype),

@@ -25,9 +25,28 @@ from kernels import ops, triton_logprobs
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
+# TRITON_INTERPRET=0 (the GPU check) runs the compiled kernels, which take CUDA tensors only.
+COMPILED = os.environ.get("TRITON_INTERPRET") != "1"
+
+
+def through_cuda(kernel):
+    """A Triton launcher that takes and returns CPU tensors, running the compiled kernel on the GPU: the
+    CPU-built test cases then test the compiled kernels too."""
+    def launch(*args):
+        out = kernel(*(a.cuda() if isinstance(a, torch.Tensor) else a for a in args))
+        return tuple(o.cpu() for o in out) if isinstance(out, tuple) else out.cpu()
+    return launch
+
+
 @pytest.fixture(params=["torch", "triton"])
 def impl(request, monkeypatch):
-    """The PyTorch path, and the Triton kernels (under the interpreter on CPU) behind the same op."""
+    """The PyTorch path, and the Triton kernels (under the interpreter on CPU, compiled on the GPU when
+    TRITON_INTERPRET=0) behind the same op."""
+    if request.param == "triton" and COMPILED:
+        if not torch.cuda.is_available():
+            pytest.skip("compiled Triton kernels need CUDA; TRITON_INTERPRET=1 runs them on the CPU")
+        monkeypatch.setattr(triton_logprobs, "forward", through_cuda(triton_logprobs.forward))
+        monkeypatch.setattr(triton_logprobs, "backward", through_cuda(triton_logprobs.backward))
     monkeypatch.setattr(ops, "TRITON_ON_CPU", request.param == "triton")
     return request.param
 
@@ -154,7 +173,10 @@ def test_leading_shapes(impl):
 def test_triton_out_of_vocab_label_gives_nan_not_a_read_out_of_bounds():
     logits, labels = make(4, 30)
     labels[1] = 30
-    logp, _ = triton_logprobs.forward(logits.view(1, 4, 30), labels.view(1, 4), -100)
+    forward = through_cuda(triton_logprobs.forward) if COMPILED else triton_logprobs.forward
+    if COMPILED and not torch.cuda.is_available():
+        pytest.skip("compiled Triton kernels need CUDA; TRITON_INTERPRET=1 runs them on the CPU")
+    logp, _ = forward(logits.view(1, 4, 30), labels.view(1, 4), -100)
     assert torch.isnan(logp[0, 1]) and torch.isfinite(logp[0, [0, 2, 3]]).all()
 
 
