@@ -9,7 +9,9 @@ from datasets import Dataset
 from tokenizers import Tokenizer, models, processors
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from algos.ipo import Args, collate, completion_lengths, compute_loss, ipo_loss, precompute_ref_logps, prepare_dataset
+from algos.ipo import (
+    Args, check_args, collate, completion_lengths, compute_loss, ipo_loss, precompute_ref_logps, prepare_dataset,
+)
 
 EXAMPLES = [
     {"prompt": "Q: (1+2)*3\n", "chosen": "1 + 2 = 3\n3 * 3 = 9\nAnswer: 9", "rejected": "Answer: 8"},
@@ -94,9 +96,9 @@ def test_precomputed_reference_logps_match_the_reference_model(tokenizer):
 
 @pytest.mark.parametrize("tau", [0.0, -0.5])
 def test_non_positive_tau_is_an_error(tau):
-    zeros = torch.zeros(2)
-    with pytest.raises(ValueError, match=r"--tau .*must be positive"):
-        ipo_loss(zeros, zeros, zeros, zeros, torch.ones(2, dtype=torch.long), torch.ones(2, dtype=torch.long), tau)
+    with pytest.raises(ValueError, match=rf"--tau {tau}: must be > 0"):
+        check_args(Args(tau=tau))
+    check_args(Args(tau=0.2))  # the default passes
 
 
 @pytest.mark.parametrize("length_normalize", [True, False], ids=["normalised", "summed"])
@@ -116,10 +118,10 @@ def test_rewards_carry_no_gradient():
 
 
 def test_bad_datasets_are_errors_that_name_the_fix(tokenizer):
-    with pytest.raises(ValueError, match=r"lacks the column\(s\) \['rejected'\].*IPO needs.*rename the columns"):
+    with pytest.raises(ValueError, match=r"lacks the column\(s\) \['rejected'\].*ipo.py needs.*rename the columns"):
         prepare_dataset(Dataset.from_list([{"prompt": "Q: 1\n", "chosen": "Answer: 1"}]), tokenizer, 100, Args())
-    with pytest.raises(ValueError, match="the train split is empty"):
+    with pytest.raises(ValueError, match="the train split has no rows"):
         empty = Dataset.from_dict({"prompt": [], "chosen": [], "rejected": []})
         prepare_dataset(empty, tokenizer, 100, Args(), "the train split")
-    with pytest.raises(ValueError, match=r"example 0: the prompt takes \d+ tokens.*no room"):
+    with pytest.raises(ValueError, match=r"row 0: the prompt takes \d+ tokens.*no room"):
         prepare_dataset(Dataset.from_list(EXAMPLES), tokenizer, 100, Args(max_length=8, max_prompt_length=8))
