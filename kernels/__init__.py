@@ -12,7 +12,9 @@ the chunked PyTorch path in `kernels/ops.py`, which has the same semantics and i
 for the Triton kernels.
 
 `linear_logprobs(hidden, weight, labels)` goes one step further: it takes the last hidden states and
-the output projection and never holds the full logits (chunked over tokens, recomputed in backward).
+the output projection and never holds the full logits (chunked over tokens, recomputed in backward),
+with an optional lm_head `bias`, logit `scale` (Cohere), `softcap` (Gemma 2), sampling `temperature`
+and per-token entropy (`return_entropy=True`).
 """
 
 from kernels.linear import linear_logprobs
