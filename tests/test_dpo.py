@@ -51,8 +51,7 @@ def ids(tokenizer, text):
 
 
 def row(tokenizer, example, **overrides):
-    args = Args(**overrides)
-    return tokenize_row(example, tokenizer, args.max_length, args.max_prompt_length, args.truncation_mode)
+    return tokenize_row(example, tokenizer, Args(**overrides))
 
 
 EXAMPLE = {"prompt": "Q: (1+2)*3\n", "chosen": "1 + 2 = 3\n3 * 3 = 9\nAnswer: 9", "rejected": "Answer: 8"}
@@ -66,7 +65,7 @@ def test_standard_format_bos_once_eos_once(tokenizer):
     assert r["prompt_ids"] == [tokenizer.bos_token_id] + ids(tokenizer, EXAMPLE["prompt"])
     assert r["chosen_ids"] == ids(tokenizer, EXAMPLE["chosen"]) + [tokenizer.eos_token_id]
     assert r["rejected_ids"] == ids(tokenizer, EXAMPLE["rejected"]) + [tokenizer.eos_token_id]
-    assert not r["truncated"]
+    assert not r["truncated"] and not r["identical"]
 
 
 def test_conversational_format_gives_the_same_tokens(tokenizer):
@@ -78,7 +77,7 @@ def test_implicit_prompt_is_the_shared_leading_messages(tokenizer):
                 "rejected": CONVERSATION["prompt"] + CONVERSATION["rejected"]}
     assert row(tokenizer, implicit) == row(tokenizer, EXAMPLE)
     assert row(tokenizer, {**implicit, "prompt": "a plain-text copy"}) == row(tokenizer, EXAMPLE)
-    assert prepare_dataset(dataset(implicit), tokenizer, 100, Args())[0] == row(tokenizer, EXAMPLE)
+    assert prepare_dataset(dataset(implicit), tokenizer, 100, Args())[0] == {**row(tokenizer, EXAMPLE), "unknown": False}
 
 
 def test_template_that_writes_bos_and_eos_gets_neither_twice():
@@ -98,7 +97,8 @@ def test_text_already_ending_with_eos_gets_no_second_eos(tokenizer):
 def test_truncation_cuts_the_prompt_by_mode_then_the_completion(tokenizer, mode):
     full = row(tokenizer, EXAMPLE)
     r = row(tokenizer, EXAMPLE, max_prompt_length=5, max_length=12, truncation_mode=mode)
-    assert r["prompt_ids"] == (full["prompt_ids"][-5:] if mode == "keep_end" else full["prompt_ids"][:5])
+    bos = [tokenizer.bos_token_id]  # keep_end keeps the BOS that starts the prompt
+    assert r["prompt_ids"] == (bos + full["prompt_ids"][-4:] if mode == "keep_end" else full["prompt_ids"][:5])
     assert r["chosen_ids"] == full["chosen_ids"][:7] and r["rejected_ids"] == full["rejected_ids"][:7]
     assert r["truncated"]
 
@@ -109,7 +109,7 @@ def dataset(*examples):
 
 def test_an_example_that_cannot_fit_is_an_error(tokenizer):
     long_prompt = {**EXAMPLE, "prompt": "Q: " + "1+" * 20 + "1\n"}
-    with pytest.raises(ValueError, match=r"example 1: the prompt takes 16 tokens.*no room.*--max-prompt-length"):
+    with pytest.raises(ValueError, match=r"row 1: the prompt takes 16 tokens.*no room.*--max-prompt-length"):
         prepare_dataset(dataset(EXAMPLE, long_prompt), tokenizer, 100, Args(max_length=16, max_prompt_length=16))
 
 
@@ -120,12 +120,12 @@ def test_missing_columns_are_named(tokenizer):
 
 def test_empty_dataset_is_an_error(tokenizer):
     empty = Dataset.from_dict({"prompt": [], "chosen": [], "rejected": []})
-    with pytest.raises(ValueError, match="the train split is empty"):
+    with pytest.raises(ValueError, match="the train split has no rows"):
         prepare_dataset(empty, tokenizer, 100, Args(), "the train split")
 
 
 def test_token_ids_outside_the_vocabulary_are_an_error(tokenizer):
-    with pytest.raises(ValueError, match=r"example 0: token id \d+ is outside the model's vocabulary of 10"):
+    with pytest.raises(ValueError, match=r"row 0: token id \d+ is outside the model's vocabulary of 10"):
         prepare_dataset(dataset(EXAMPLE), tokenizer, 10, Args())
 
 

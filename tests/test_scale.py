@@ -26,9 +26,12 @@ from algos.dpo import (
     collate,
     compute_loss,
     concatenated_forward,
+    forward_logits,
     load_splits,
     prepare_dataset,
+    shifted_logprobs,
 )
+from kernels import linear_logprobs
 from tests.golden import GOLDEN_DIR, REPO, RUN_ENV, compare_metrics, load, run_script
 
 MODEL = str(REPO / "benchmarks/arith/model")
@@ -119,7 +122,7 @@ def test_lora_reference_is_the_base_model(pairs):
         reference = concatenated_forward(AdaptersDisabled(policy), pairs)
         expected = concatenated_forward(base, pairs)
         trained = concatenated_forward(policy, pairs)
-    for got, want, moved in zip(reference, expected, trained):
+    for got, want, moved in zip(reference[:2], expected[:2], trained[:2]):  # chosen and rejected log-probs
         torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
         assert not torch.allclose(moved, want), "the adapters change the policy"
     assert policy.training, "the reference's forward leaves the policy in training mode"
@@ -145,17 +148,41 @@ def test_fused_linear_equals_full_logits(pairs):
         torch.testing.assert_close(fused_grads[name], grads[name], rtol=1e-4, atol=1e-6)
 
 
-def test_fused_linear_refuses_other_heads():
-    model = AutoModelForCausalLM.from_pretrained(MODEL)
-    check_fused_linear(model, torch.device("cpu"))  # the plain head passes
-    model.config.tie_word_embeddings = False
-    model.lm_head = torch.nn.Linear(model.config.hidden_size, model.config.vocab_size, bias=True)
-    with pytest.raises(ValueError, match="fused-linear"):
-        check_fused_linear(model, torch.device("cpu"))
-    capped = AutoModelForCausalLM.from_pretrained(MODEL)
-    capped.config.final_logit_softcapping = 30.0
-    with pytest.raises(ValueError, match="soft-capping"):
-        check_fused_linear(capped, torch.device("cpu"))
+def tiny_model(kind: str):
+    """A random model of another family with the bundled vocabulary, its lm_head scaled up so that the logits are
+    large enough for a bias, a scale or a cap to change the log-probs."""
+    from transformers import (CohereConfig, CohereForCausalLM, Gemma2Config, Gemma2ForCausalLM, GraniteConfig,
+                              GraniteForCausalLM, LlamaConfig, LlamaForCausalLM)
+
+    torch.manual_seed(0)
+    sizes = dict(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, head_dim=8, tie_word_embeddings=False)
+    model = {"gemma2": lambda: Gemma2ForCausalLM(Gemma2Config(**sizes, final_logit_softcapping=2.0)),
+             "cohere": lambda: CohereForCausalLM(CohereConfig(**sizes, logit_scale=0.25)),
+             "granite": lambda: GraniteForCausalLM(GraniteConfig(**sizes, logits_scaling=4.0)),
+             "llama_bias": lambda: LlamaForCausalLM(LlamaConfig(**sizes))}[kind]()
+    if kind == "llama_bias":
+        model.lm_head = torch.nn.Linear(32, 100, bias=True)
+        torch.nn.init.normal_(model.lm_head.bias, std=3.0)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(100.0)
+    return model
+
+
+@pytest.mark.parametrize("kind", ["gemma2", "cohere", "llama_bias"])
+def test_fused_linear_reproduces_bias_scale_and_softcap(kind):
+    model = tiny_model(kind)
+    check_fused_linear(model, torch.device("cpu"))  # the head's bias, logit_scale or softcap are read from the model
+    ids = torch.arange(8)[None] * 7 % 100
+    logits, _ = forward_logits(model.eval(), ids, torch.ones_like(ids))
+    (hidden, head), _ = forward_logits(model, ids, torch.ones_like(ids), fused_linear=True)
+    plain = linear_logprobs(hidden[:, :-1], head["weight"], ids[:, 1:])  # without them
+    assert not torch.allclose(plain, shifted_logprobs(logits, ids), atol=1e-3), "the test model's head is plain"
+
+
+def test_fused_linear_refuses_what_it_cannot_reproduce():
+    with pytest.raises(ValueError, match="fused-linear.*GraniteForCausalLM"):  # divides by config.logits_scaling
+        check_fused_linear(tiny_model("granite"), torch.device("cpu"))
 
 
 def test_fsdp_refuses_uneven_evaluation_shares():
