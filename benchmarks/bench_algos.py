@@ -62,7 +62,7 @@ class Args:
 
 def run(script: str, extra: list[str], output_dir: Path, threads: int) -> dict:
     """One training run in its own process: wall time, steps, and peak resident memory (VmHWM)."""
-    command = [sys.executable, str(REPO / "algos" / f"{script}.py"), "--output-dir", str(output_dir),
+    command = [sys.executable, str(REPO / "algos" / f"{script}.py"), "--output-dir", str(output_dir), "--overwrite",
                "--threads", str(threads), *extra]
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONUNBUFFERED="1")
     start = time.time()

@@ -354,8 +354,8 @@ def ours_fixed_batch(algo: str, mod, hp: dict, policy_dir: str, reference_dir: s
         batch = mod.collate(rows, pad_token_id)
         with torch.no_grad():
             policy.eval()
-            chosen, rejected = mod.concatenated_forward(policy, batch)
-            ref_chosen, ref_rejected = mod.concatenated_forward(reference, batch)
+            chosen, rejected, _ = mod.concatenated_forward(policy, batch)
+            ref_chosen, ref_rejected, _ = mod.concatenated_forward(reference, batch)
         chosen_rewards, rejected_rewards = hp["tau"] * (chosen - ref_chosen), hp["tau"] * (rejected - ref_rejected)
         extra["rewards/chosen"] = chosen_rewards.mean().item()
         extra["rewards/rejected"] = rejected_rewards.mean().item()
@@ -367,7 +367,7 @@ def ours_fixed_batch(algo: str, mod, hp: dict, policy_dir: str, reference_dir: s
         batch = mod.collate(rows, pad_token_id)
         with torch.no_grad():
             policy.eval()
-            chosen, rejected = mod.concatenated_forward(policy, batch)
+            chosen, rejected, _ = mod.concatenated_forward(policy, batch)
         chosen_lengths, rejected_lengths = mod.completion_lengths(batch["labels"]).chunk(2)
         extra["logps/chosen"] = (chosen / chosen_lengths.clamp(min=1)).mean().item()
         extra["logps/rejected"] = (rejected / rejected_lengths.clamp(min=1)).mean().item()
