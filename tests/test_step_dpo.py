@@ -8,7 +8,10 @@ from datasets import Dataset
 from tokenizers import Tokenizer, models, processors
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from algos.step_dpo import Args, collate, compute_loss, prepare_dataset, step_dpo_loss, tokenize_row
+import algos.dpo
+from algos.step_dpo import (
+    Args, check_args, collate, compute_loss, dpo_loss, prepare_dataset, step_dpo_loss, tokenize_row,
+)
 
 CHARS = list("0123456789+-*()=: \nQAnswer")
 # the bundled model's convention: the template writes neither BOS nor EOS
@@ -39,8 +42,7 @@ def ids(tokenizer, text):
 
 
 def row(tokenizer, example, **overrides):
-    args = Args(**overrides)
-    return tokenize_row(example, tokenizer, args.max_length, args.max_prompt_length, args.truncation_mode)
+    return tokenize_row(example, tokenizer, Args(**overrides))
 
 
 # ((1+2)*3)-4: the first step is right, the second is where the rejected sample went wrong
@@ -78,42 +80,52 @@ def test_template_that_writes_bos_and_eos_gets_bos_once_and_no_eos():
     assert tokenizer.eos_token_id not in r["prompt_ids"] + r["chosen_ids"] + r["rejected_ids"]
 
 
-def test_keep_end_truncation_keeps_the_latest_steps_and_cuts_the_question(tokenizer):
+def test_keep_end_truncation_keeps_bos_and_the_latest_steps_and_cuts_the_question(tokenizer):
     full = row(tokenizer, EXAMPLE)
     r = row(tokenizer, EXAMPLE, max_prompt_length=12, max_length=16)
-    assert r["prompt_ids"] == full["prompt_ids"][-12:] == ids(tokenizer, ")-4\n1 + 2 = 3\n")[-12:]
+    assert r["prompt_ids"][1:] == full["prompt_ids"][-11:] == ids(tokenizer, ")-4\n1 + 2 = 3\n")[-11:]
+    assert r["prompt_ids"][0] == tokenizer.bos_token_id and len(r["prompt_ids"]) == 12
     assert r["chosen_ids"] == full["chosen_ids"][:4] and r["truncated"]
 
 
 def test_an_example_that_cannot_fit_is_an_error(tokenizer):
     many_steps = {**EXAMPLE, "initial_reason_steps": "1 + 2 = 3\n" * 3}
-    with pytest.raises(ValueError, match=r"example 1: the prompt takes 46 tokens.*no room"):
+    with pytest.raises(ValueError, match=r"row 1: the prompt takes 46 tokens.*no room"):
         prepare_dataset(dataset(EXAMPLE, many_steps), tokenizer, 100, Args(max_length=46, max_prompt_length=64))
 
 
 def test_missing_initial_reason_steps_is_named(tokenizer):
-    with pytest.raises(ValueError, match=r"lacks the column\(s\) \['initial_reason_steps'\].*Math-Step-DPO-10K"):
+    with pytest.raises(ValueError, match=r"lacks the column\(s\) \['initial_reason_steps'\].*step_dpo.py needs \['prompt', 'initial_reason_steps', 'chosen', 'rejected'\]"):
         prepare_dataset(dataset({"prompt": "Q: 1\n", "chosen": "a", "rejected": "b"}), tokenizer, 100, Args())
 
 
 def test_empty_dataset_is_an_error(tokenizer):
     empty = Dataset.from_dict({"prompt": [], "initial_reason_steps": [], "chosen": [], "rejected": []})
-    with pytest.raises(ValueError, match="the train split is empty"):
+    with pytest.raises(ValueError, match="the train split has no rows"):
         prepare_dataset(empty, tokenizer, 100, Args(), "the train split")
 
 
 @pytest.mark.parametrize("column", ["chosen", "rejected"])
 def test_an_empty_step_is_an_error(tokenizer, column):
-    with pytest.raises(ValueError, match=rf"example 0: the {column} step is empty"):
+    with pytest.raises(ValueError, match=rf"row 0: the {column} step is empty"):
         prepare_dataset(dataset({**EXAMPLE, column: ""}), tokenizer, 100, Args())
 
 
 def test_steps_as_messages_or_null_are_an_error(tokenizer):
     as_message = {**CONVERSATION, "chosen": [{"role": "assistant", "content": "3 * 3 = 9\n"}]}
-    with pytest.raises(ValueError, match="chosen is a list, not a string: the steps are plain text"):
+    with pytest.raises(ValueError, match=r"the columns \['initial_reason_steps', 'chosen', 'rejected'\] mix strings"):
         row(tokenizer, as_message)
-    with pytest.raises(ValueError, match="initial_reason_steps is a NoneType, not a string"):
-        row(tokenizer, {**EXAMPLE, "initial_reason_steps": None})
+    all_messages = {**CONVERSATION, **{column: [{"role": "assistant", "content": EXAMPLE[column]}]
+                                       for column in ("initial_reason_steps", "chosen", "rejected")}}
+    with pytest.raises(ValueError, match="column 'initial_reason_steps' holds a list of messages: the steps are plain"):
+        row(tokenizer, all_messages)
+    with pytest.raises(ValueError, match=r"row 0: column 'initial_reason_steps' holds None \(NoneType\): expected a"):
+        prepare_dataset(dataset({**EXAMPLE, "initial_reason_steps": None}), tokenizer, 100, Args())
+
+
+def test_identical_steps_are_flagged(tokenizer):
+    assert row(tokenizer, {**EXAMPLE, "rejected": EXAMPLE["chosen"]})["identical"]
+    assert not row(tokenizer, EXAMPLE)["identical"]
 
 
 def test_collate_masks_the_question_and_the_earlier_steps(tokenizer):
@@ -154,3 +166,17 @@ def test_rewards_carry_no_gradient():
     policy = torch.tensor([-1.0, -2.0], requires_grad=True)
     losses, chosen, rejected = step_dpo_loss(policy, policy.flip(0), torch.zeros(2), torch.zeros(2), beta=0.5)
     assert losses.requires_grad and not chosen.requires_grad and not rejected.requires_grad
+
+
+def test_the_loss_is_dpo_s_byte_for_byte():
+    import inspect
+
+    assert step_dpo_loss is dpo_loss and inspect.getsource(dpo_loss) == inspect.getsource(algos.dpo.dpo_loss)
+
+
+@pytest.mark.parametrize("flag,value", [("beta", 0.0), ("beta", -1.0), ("label_smoothing", -0.1),
+                                        ("label_smoothing", 0.5)])
+def test_bad_beta_or_label_smoothing_is_an_error_naming_the_flag(flag, value):
+    with pytest.raises(ValueError, match=rf"--{flag.replace('_', '-')} {value}: must be"):
+        check_args(Args(**{flag: value}))
+    check_args(Args())  # the defaults pass
