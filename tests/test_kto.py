@@ -1,8 +1,12 @@
-"""algos/kto.py's data preparation, mismatched pairs, batching, log-probs, z0 and bad-input errors, on a tiny
+"""algos/kto.py's data preparation, mismatched pairs, batching, log-probs, z0, its own flag checks and bad-input errors, on a tiny
 character tokenizer and a random Llama built here (no bundled assets needed). The loss itself is pinned by
 tests/golden/kto.kto_loss.json, the whole script (and torchrun) by tests/test_runs.py."""
 
+import json
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -13,18 +17,20 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 from algos.kto import (
     Args,
     check_args,
+    class_means,
     class_weight_warning,
     collate,
     compute_loss,
     eval_groups,
     evaluate,
     kto_loss,
-    mean_over_ranks,
-    mismatched_partners,
+    micro_batch,
     policy_forward,
     prepare_dataset,
     tokenize_row,
+    unpair,
 )
+from tests.golden import REPO, RUN_ENV
 
 CHARS = list("0123456789+-*()=: \nQAnswer")
 # the bundled model's convention: the template writes neither BOS nor EOS
@@ -52,8 +58,7 @@ def ids(tokenizer, text):
 
 
 def row(tokenizer, example, **overrides):
-    args = Args(**overrides)
-    return tokenize_row(example, tokenizer, args.max_length, args.max_prompt_length, args.truncation_mode)
+    return tokenize_row(example, tokenizer, Args(**overrides))
 
 
 def dataset(*examples):
@@ -83,14 +88,15 @@ def test_conversational_format_gives_the_same_tokens(tokenizer):
 def test_truncation_cuts_the_prompt_by_mode_then_the_completion(tokenizer, mode):
     full = row(tokenizer, GOOD)
     r = row(tokenizer, GOOD, max_prompt_length=5, max_length=12, truncation_mode=mode)
-    assert r["prompt_ids"] == (full["prompt_ids"][-5:] if mode == "keep_end" else full["prompt_ids"][:5])
+    bos = [tokenizer.bos_token_id]  # keep_end keeps the BOS that starts the prompt
+    assert r["prompt_ids"] == (bos + full["prompt_ids"][-4:] if mode == "keep_end" else full["prompt_ids"][:5])
     assert r["completion_ids"] == full["completion_ids"][:7] and r["truncated"]
 
 
 def test_a_paired_dataset_is_unpaired_into_chosen_desirable_and_rejected_undesirable(tokenizer):
     pairs = dataset({"prompt": GOOD["prompt"], "chosen": GOOD["completion"], "rejected": BAD["completion"]},
                     {"prompt": BAD["prompt"], "chosen": OTHER["completion"], "rejected": GOOD["completion"]})
-    rows = prepare_dataset(pairs, tokenizer, 100, Args())
+    rows = prepare_dataset(unpair(pairs), tokenizer, 100, Args())
     expected = [{**GOOD}, {**GOOD, "completion": BAD["completion"], "label": False},
                 {**BAD, "completion": OTHER["completion"], "label": True}, {**BAD, "completion": GOOD["completion"]}]
     assert rows == [row(tokenizer, example) for example in expected]
@@ -99,21 +105,32 @@ def test_a_paired_dataset_is_unpaired_into_chosen_desirable_and_rejected_undesir
 def test_a_conversational_pair_with_an_implicit_prompt_is_unpaired_too(tokenizer):
     implicit = {"chosen": CONVERSATION["prompt"] + CONVERSATION["completion"],
                 "rejected": CONVERSATION["prompt"] + [{"role": "assistant", "content": BAD["completion"]}]}
-    rows = prepare_dataset(dataset(implicit), tokenizer, 100, Args())
+    rows = prepare_dataset(unpair(dataset(implicit)), tokenizer, 100, Args())
     assert rows == [row(tokenizer, GOOD), row(tokenizer, {**GOOD, "completion": BAD["completion"], "label": False})]
 
 
-def test_errors_in_a_paired_dataset_name_the_pair(tokenizer):
+def test_errors_in_a_paired_dataset_name_the_unpaired_row_2i_or_2i_plus_1(tokenizer):
     long_prompt = "Q: " + "1+" * 20 + "1\n"
     pairs = dataset({"prompt": "Q: 1\n", "chosen": "a", "rejected": "b"}, {"prompt": long_prompt, "chosen": "a", "rejected": "b"})
-    with pytest.raises(ValueError, match=r"example 1: the prompt takes 16 tokens.*no room"):
-        prepare_dataset(pairs, tokenizer, 100, Args(max_length=16, max_prompt_length=16))
+    with pytest.raises(ValueError, match=r"row 2: the prompt takes 16 tokens.*no room"):
+        prepare_dataset(unpair(pairs), tokenizer, 100, Args(max_length=16, max_prompt_length=16))
+    mixed = Dataset.from_list([{"prompt": "Q: 1\n", "chosen": "Answer: 1", "rejected": ["Answer: 2"]}])
+    with pytest.raises(ValueError, match=r"row 1: column 'completion' holds \['Answer: 2'\] \(list\): expected a string"):
+        prepare_dataset(unpair(mixed), tokenizer, 100, Args())
+
+
+def test_text_columns_name_the_bad_value_and_refuse_mixed_formats(tokenizer):
+    with pytest.raises(ValueError, match=r"row 1: column 'completion' holds 5 \(int\)"):
+        prepare_dataset(examples_as_dataset([GOOD, {**BAD, "completion": 5}]), tokenizer, 100, Args())
+    mixed = {**CONVERSATION, "completion": GOOD["completion"]}
+    with pytest.raises(ValueError, match=r"row 0: the columns \['prompt', 'completion'\] mix strings and lists"):
+        prepare_dataset(examples_as_dataset([mixed, GOOD]), tokenizer, 100, Args())
 
 
 @pytest.mark.parametrize("label", [1, 0.0, "true", None])
 def test_a_label_that_is_not_a_bool_is_an_error(tokenizer, label):
     examples = [GOOD, {**BAD, "label": label}]
-    with pytest.raises(ValueError, match=r"example 1: the label is .* not true \(desirable\) or false.*cast_column"):
+    with pytest.raises(ValueError, match=r"row 1: the label is .* not true \(desirable\) or false.*cast_column"):
         prepare_dataset(examples_as_dataset(examples), tokenizer, 100, Args())
 
 
@@ -126,36 +143,57 @@ def examples_as_dataset(examples):
 
 
 def test_missing_columns_are_named(tokenizer):
-    with pytest.raises(ValueError, match=r"lacks the column\(s\) \['label'\].*KTO needs prompt, completion, label"):
-        prepare_dataset(dataset({"prompt": "a", "completion": "b"}), tokenizer, 100, Args())
-    with pytest.raises(ValueError, match=r"lacks the column\(s\) \['prompt'\].*preference format"):
-        prepare_dataset(dataset({"chosen": "a", "rejected": "b"}), tokenizer, 100, Args())
+    needs = r"kto.py needs \['prompt', 'completion', 'label'\]"
+    with pytest.raises(ValueError, match=r"lacks the column\(s\) \['label'\].*" + needs):
+        prepare_dataset(unpair(dataset({"prompt": "a", "completion": "b"})), tokenizer, 100, Args())
+    # pairs without a prompt (and not conversational, so no implicit prompt) are not unpaired: their columns are named
+    with pytest.raises(ValueError, match=r"lacks the column\(s\) \['prompt', 'completion', 'label'\]: it has "
+                                         r"\['chosen', 'rejected'\].*" + needs):
+        prepare_dataset(unpair(dataset({"chosen": "a", "rejected": "b"})), tokenizer, 100, Args())
 
 
-def test_empty_and_single_example_datasets_are_errors(tokenizer):
+def test_empty_datasets_are_errors(tokenizer):
     empty = Dataset.from_dict({"prompt": [], "completion": [], "label": []})
-    with pytest.raises(ValueError, match="the train split is empty"):
+    with pytest.raises(ValueError, match="the train split has no rows"):
         prepare_dataset(empty, tokenizer, 100, Args(), "the train split")
-    with pytest.raises(ValueError, match="the test split has a single example.*at least 2"):
-        prepare_dataset(dataset(GOOD), tokenizer, 100, Args(), "the test split")
+    empty_pairs = Dataset.from_dict({"prompt": [], "chosen": [], "rejected": []})
+    with pytest.raises(ValueError, match="the train split has no rows"):
+        prepare_dataset(unpair(empty_pairs), tokenizer, 100, Args(), "the train split")
+
+
+def test_a_test_split_of_one_row_is_refused_before_the_models_load(tmp_path):
+    """z0 pairs each row with another: one held-out row cannot be evaluated (the script says so at start-up)."""
+    pair = {"prompt": "Q: 1+1\n", "chosen": "Answer: 2", "rejected": "Answer: 3"}
+    (tmp_path / "kto_train.jsonl").write_text("\n".join(json.dumps(pair) for _ in range(4)) + "\n")
+    (tmp_path / "kto_test.jsonl").write_text(json.dumps(GOOD) + "\n")  # the splits may differ in format
+    command = [sys.executable, str(REPO / "algos/kto.py"), "--dataset-name", str(tmp_path / "kto_{split}.jsonl"),
+               "--output-dir", str(tmp_path / "run")]
+    done = subprocess.run(command, env={**os.environ, **RUN_ENV}, capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0 and "the test split has 1 rows: KTO needs 2" in done.stderr
+    assert not (tmp_path / "run").exists()  # nothing written
 
 
 def test_token_ids_outside_the_vocabulary_are_an_error(tokenizer):
-    with pytest.raises(ValueError, match=r"example 0: token id \d+ is outside the model's vocabulary of 10"):
+    with pytest.raises(ValueError, match=r"row 0: token id \d+ is outside the model's vocabulary of 10"):
         prepare_dataset(dataset(GOOD, BAD), tokenizer, 10, Args())
 
 
 @pytest.mark.parametrize("size", range(2, 9))
-def test_mismatched_partners_rotate_so_that_no_example_meets_itself(size):
+def test_mismatched_partners_rotate_so_that_no_row_meets_itself(size):
+    rows = [{"prompt_ids": [1], "completion_ids": [100 + i], "label": True} for i in range(10 * size)]
     group = [10 * i for i in range(size)]
-    partners = mismatched_partners(group)
+    batch = micro_batch(rows, group, slice(None), 1024)
+    partners = [r["kl_ids"][0] - 100 for r in batch]
+    assert [r["completion_ids"][0] - 100 for r in batch] == group
     assert partners == [group[(i + 1) % size] for i in range(size)]
     assert all(p != g for p, g in zip(partners, group)) and sorted(partners) == group
+    # a process's share (every 2nd row from rank 1, as evaluation takes them) keeps the partners of the whole group
+    assert micro_batch(rows, group, slice(1, None, 2), 1024) == batch[1::2]
 
 
-def test_collate_puts_the_examples_first_then_each_prompt_with_the_next_completion(tokenizer):
+def test_collate_puts_the_rows_first_then_each_prompt_with_the_next_completion(tokenizer):
     rows = [row(tokenizer, example) for example in (GOOD, BAD, OTHER)]
-    batch = collate(rows, [rows[i] for i in mismatched_partners([0, 1, 2])], tokenizer.pad_token_id, 1024)
+    batch = collate(micro_batch(rows, [0, 1, 2], slice(None), 1024), tokenizer.pad_token_id)
     assert batch["input_ids"].shape == batch["labels"].shape == batch["attention_mask"].shape
     assert batch["input_ids"].shape[0] == 6 and batch["desirable"].tolist() == [True, False, True]
     pieces = [(r["prompt_ids"], r["completion_ids"]) for r in rows]
@@ -170,7 +208,7 @@ def test_collate_puts_the_examples_first_then_each_prompt_with_the_next_completi
 def test_a_mismatched_completion_is_cut_to_fit_after_its_new_prompt(tokenizer):
     short, long = row(tokenizer, OTHER), row(tokenizer, {**GOOD, "prompt": "Q: " + "1+" * 10 + "1\n"})
     max_length = len(long["prompt_ids"]) + 5
-    batch = collate([long, short], [short, long], tokenizer.pad_token_id, max_length)
+    batch = collate(micro_batch([long, short], [0, 1], slice(None), max_length), tokenizer.pad_token_id)
     assert batch["attention_mask"][2].sum() == max_length  # long prompt + the first 5 tokens of the short completion
     assert batch["labels"][2, len(long["prompt_ids"]) : max_length].tolist() == short["completion_ids"][:5]
 
@@ -201,11 +239,11 @@ def naive_logp(model, prompt_ids, completion_ids):
     return logp[len(prompt_ids) - 1 :].sum().item()
 
 
-def test_log_probs_of_the_examples_and_of_the_mismatched_pairs(tokenizer, tiny_model):
+def test_log_probs_of_the_rows_and_of_the_mismatched_pairs(tokenizer, tiny_model):
     rows = prepare_dataset(dataset(GOOD, BAD, OTHER), tokenizer, len(tokenizer), Args())
-    batch = collate(rows, [rows[i] for i in mismatched_partners([0, 1, 2])], tokenizer.pad_token_id, 1024)
-    logps, kl_logps = policy_forward(tiny_model, batch)
-    assert not kl_logps.requires_grad
+    batch = collate(micro_batch(rows, [0, 1, 2], slice(None), 1024), tokenizer.pad_token_id)
+    logps, kl_logps, aux_loss = policy_forward(tiny_model, batch)
+    assert not kl_logps.requires_grad and aux_loss == 0  # a dense model has no router loss
     for i, r in enumerate(rows):
         assert logps[i].item() == pytest.approx(naive_logp(tiny_model, r["prompt_ids"], r["completion_ids"]), rel=1e-5)
         mismatched = naive_logp(tiny_model, r["prompt_ids"], rows[(i + 1) % 3]["completion_ids"])
@@ -214,11 +252,11 @@ def test_log_probs_of_the_examples_and_of_the_mismatched_pairs(tokenizer, tiny_m
 
 def test_at_the_start_z0_and_every_reward_are_0_and_the_loss_is_half_the_weight(tokenizer, tiny_model):
     rows = prepare_dataset(dataset(GOOD, BAD, OTHER, BAD), tokenizer, len(tokenizer), Args())
-    batch = collate(rows, [rows[i] for i in mismatched_partners([0, 1, 2, 3])], tokenizer.pad_token_id, 1024)
+    batch = collate(micro_batch(rows, [0, 1, 2, 3], slice(None), 1024), tokenizer.pad_token_id)
     args = Args(desirable_weight=1.5, undesirable_weight=0.5)
     loss, metrics = compute_loss(tiny_model, tiny_model, batch, args)
     assert loss.item() == pytest.approx((1.5 + 0.5 + 1.5 + 0.5) / 2 / 4, rel=1e-6)
-    means = mean_over_ranks(metrics, torch.tensor(4.0))
+    means = class_means(metrics, torch.tensor(4.0))
     assert means["kl"] == 0 and means["rewards/margins"] == 0 and means["rewards/accuracies"] == 0
     assert means["rewards/chosen"] == 0 and means["rewards/rejected"] == 0
     assert means["logps/chosen"] == pytest.approx((metrics["logps/chosen"] / 2).item())
@@ -226,12 +264,12 @@ def test_at_the_start_z0_and_every_reward_are_0_and_the_loss_is_half_the_weight(
 
 def test_a_one_class_micro_batch_gives_a_finite_loss_and_leaves_the_other_class_out(tokenizer, tiny_model):
     rows = prepare_dataset(dataset(GOOD, OTHER), tokenizer, len(tokenizer), Args())
-    batch = collate(rows, [rows[1], rows[0]], tokenizer.pad_token_id, 1024)
+    batch = collate(micro_batch(rows, [0, 1], slice(None), 1024), tokenizer.pad_token_id)
     policy = LlamaForCausalLM(tiny_model.config)  # another random model, so that r and z0 are not 0
     loss, metrics = compute_loss(policy, tiny_model, batch, Args())
     loss.backward()
     assert torch.isfinite(loss) and all(torch.isfinite(p.grad).all() for p in policy.parameters() if p.grad is not None)
-    means = mean_over_ranks(metrics, torch.tensor(2.0))
+    means = class_means(metrics, torch.tensor(2.0))
     assert "rewards/chosen" in means and "rewards/rejected" not in means and "logps/rejected" not in means
     assert all(math.isfinite(v) for v in means.values()) and not any(k.startswith("count/") for k in means)
 
@@ -249,21 +287,29 @@ def test_z0_carries_no_gradient_and_is_clamped_at_0():
     assert z0.item() == pytest.approx(3.0) and not z0.requires_grad
 
 
-def test_a_batch_of_one_cannot_estimate_z0():
+def test_a_batch_of_one_cannot_estimate_z0(monkeypatch):
     one = torch.tensor([-1.0])
-    with pytest.raises(ValueError, match="micro-batch of one example"):
+    with pytest.raises(ValueError, match="micro-batch of one row"):
         kto_loss(one, one, torch.tensor([True]), one, one, beta=0.1)
-    for args, world_size in [(Args(per_device_train_batch_size=1), 1), (Args(per_device_eval_batch_size=1), 1)]:
-        with pytest.raises(ValueError, match="micro-batch of one example cannot estimate z0.*at least 2"):
-            check_args(args, world_size, 100)
-    check_args(Args(per_device_train_batch_size=1, per_device_eval_batch_size=1), 2, 100)  # 2 processes pair up
+    for flag in ("per_device_train_batch_size", "per_device_eval_batch_size"):
+        name = flag.replace("_", "-")
+        with pytest.raises(ValueError, match=f"--{name} 1: must be >= 2 rows over all processes \\(z0 pairs rows\\)"):
+            check_args(Args(**{flag: 1}))
+    monkeypatch.setenv("WORLD_SIZE", "2")  # as torchrun --nproc_per_node 2 sets it: the 2 processes' rows pair up
+    check_args(Args(per_device_train_batch_size=1, per_device_eval_batch_size=1))
 
 
-def test_other_settings_kto_cannot_run_with_are_errors():
-    with pytest.raises(ValueError, match="--precompute-ref-logps.*cannot be freed"):
-        check_args(Args(precompute_ref_logps=True), 1, 100)
-    with pytest.raises(ValueError, match="the test split has 3 examples, fewer than the 4 processes"):
-        check_args(Args(), 4, 3)
+@pytest.mark.parametrize("overrides,message", [
+    ({"beta": 0.0}, "--beta 0.0: must be > 0"),
+    ({"desirable_weight": 0.0}, "--desirable-weight 0.0: must be > 0"),
+    ({"undesirable_weight": -1.0}, "--undesirable-weight -1.0: must be > 0"),
+    ({"precompute_ref_logps": True}, "--precompute-ref-logps True: must be off: the reference model scores"),
+])
+def test_kto_s_own_flags_are_checked_before_anything_loads(overrides, message):
+    with pytest.raises(ValueError, match="invalid arguments") as error:
+        check_args(Args(**overrides))
+    assert message in str(error.value)
+    check_args(Args())  # the defaults pass
 
 
 def test_class_weights_follow_the_papers_rule():
@@ -273,11 +319,9 @@ def test_class_weights_follow_the_papers_rule():
     message = class_weight_warning(30, 70, 1.0, 1.0)
     assert "= 0.429 is outside the paper's [1, 3/2]" in message and "--desirable-weight in [2.33, 3.5]" in message
     assert "0 desirable and 5 undesirable" in class_weight_warning(0, 5, 1.0, 1.0)
-    with pytest.raises(ValueError, match="must both be positive"):
-        class_weight_warning(10, 10, 1.0, 0.0)
 
 
-def test_evaluate_pairs_within_groups_and_averages_over_every_example(tokenizer, tiny_model):
+def test_evaluate_pairs_within_groups_and_averages_over_every_row(tokenizer, tiny_model):
     examples = [GOOD, BAD, OTHER, BAD, GOOD]
     rows = prepare_dataset(dataset(*examples), tokenizer, len(tokenizer), Args())
     policy = LlamaForCausalLM(tiny_model.config)
@@ -286,8 +330,7 @@ def test_evaluate_pairs_within_groups_and_averages_over_every_example(tokenizer,
                        torch.autocast("cpu", enabled=False))
     losses = []
     for group in ([0, 1], [2, 3, 4]):
-        batch = collate([rows[i] for i in group], [rows[i] for i in mismatched_partners(group)],
-                        tokenizer.pad_token_id, args.max_length)
+        batch = collate(micro_batch(rows, group, slice(None), args.max_length), tokenizer.pad_token_id)
         losses.append(compute_loss(policy, tiny_model, batch, args)[1]["loss"])
     assert metrics["eval/loss"] == pytest.approx((sum(losses) / 5).item(), rel=1e-6)
     assert policy.training  # evaluate puts the policy back into training mode

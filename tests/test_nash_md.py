@@ -16,6 +16,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassifi
 from algos.nash_md import (
     Args,
     check_args,
+    check_tokenizer,
     compute_loss,
     geometric_mixture,
     load_judge,
@@ -146,6 +147,11 @@ class FixedLogits(torch.nn.Module):
         super().__init__()
         self.logits = torch.nn.Parameter(torch.as_tensor(logits, dtype=torch.float32))
 
+    config = SimpleNamespace()  # what forward_logits reads: no router, so no auxiliary loss
+
+    def get_output_embeddings(self):
+        return None
+
     def forward(self, input_ids, cache=None, logits_to_keep=0, **kwargs):
         length = logits_to_keep or input_ids.shape[1]
         return SimpleNamespace(logits=self.logits.expand(input_ids.shape[0], length, -1), cache=cache)
@@ -259,11 +265,17 @@ def test_expected_gradient_is_the_gradient_of_the_regularised_preference():
 PROMPTS = [{"prompt": "Q: 1+2\n"}, {"prompt": "Q: (3*4)-5\n"}, {"prompt": "Q: 7\n"}]
 
 
+def indexed_rows(examples, tokenizer, args):
+    """prepare_dataset's rows with the index the main block gives each (it seeds the row's samples)."""
+    rows = prepare_dataset(Dataset.from_list(examples), tokenizer, len(tokenizer), args)
+    return [{**row, "index": i} for i, row in enumerate(rows)]
+
+
 def test_compute_loss_plays_one_round(tokenizer):
     policy, reference = tiny_llama(tokenizer, 1), tiny_llama(tokenizer, 2)
     policy.train()
     args = Args(max_new_tokens=10, num_logged_completions=2)
-    rows = prepare_dataset(Dataset.from_list(PROMPTS), tokenizer, len(tokenizer), args)
+    rows = indexed_rows(PROMPTS, tokenizer, args)
     loss, metrics, samples = compute_loss(policy, reference, tiny_judge(tokenizer), tokenizer, rows, 1, args,
                                           tokenizer.pad_token_id, args.mixture_coef)
     assert torch.isfinite(loss) and loss.requires_grad
@@ -280,7 +292,7 @@ def test_compute_loss_plays_one_round(tokenizer):
 def test_max_length_limits_the_completions(tokenizer):
     never_eos = FixedLogits([0.0] * 2 + [-float("inf")] + [0.0] * (len(tokenizer) - 3))
     args = Args(max_new_tokens=10, max_length=9)  # the prompts take 8, 12 and 6 tokens before truncation
-    rows = prepare_dataset(Dataset.from_list(PROMPTS[:1] + PROMPTS[2:]), tokenizer, len(tokenizer), args)
+    rows = indexed_rows(PROMPTS[:1] + PROMPTS[2:], tokenizer, args)
     _, metrics, _ = compute_loss(never_eos, never_eos, tiny_judge(tokenizer), tokenizer, rows, 1, args,
                                  tokenizer.pad_token_id, 0.5)
     assert metrics["completions/length"] == 1 + 3 and metrics["completions/clipped_ratio"] == 2
@@ -291,41 +303,64 @@ def test_conversational_prompts_use_the_chat_template(tokenizer):
                            len(tokenizer), Args())
     plain = prepare_dataset(Dataset.from_list(PROMPTS[:1]), tokenizer, len(tokenizer), Args())
     assert rows == plain and rows[0]["prompt_text"] == "Q: 1+2\n"
+    assert rows[0]["prompt_ids"][0] == tokenizer.bos_token_id and rows[0]["truncated"] is False
+
+
+def test_a_missing_prompt_value_names_its_row(tokenizer):
+    with pytest.raises(ValueError, match=r"the train split, row 1: column 'prompt' holds None \(NoneType\)"):
+        prepare_dataset(Dataset.from_list([{"prompt": "Q: 1\n"}, {"prompt": None}]), tokenizer, len(tokenizer), Args(),
+                        "the train split")
 
 
 def test_missing_prompt_column_is_named(tokenizer):
-    with pytest.raises(ValueError, match=r"lacks the column\(s\) \['prompt'\].*prompt-only format.*rename the column"):
+    with pytest.raises(ValueError, match=r"lacks the column\(s\) \['prompt'\]: it has \['question'\].*nash_md.py "
+                                         r"needs \['prompt'\].*rename the columns"):
         prepare_dataset(Dataset.from_list([{"question": "Q: 1\n"}]), tokenizer, len(tokenizer), Args())
 
 
 def test_empty_dataset_is_an_error(tokenizer):
-    with pytest.raises(ValueError, match="the train split is empty"):
+    with pytest.raises(ValueError, match="the train split has no rows"):
         prepare_dataset(Dataset.from_dict({"prompt": []}), tokenizer, len(tokenizer), Args(), "the train split")
 
 
 def test_a_prompt_that_leaves_no_room_is_an_error(tokenizer):
-    with pytest.raises(ValueError, match=r"example 1: the prompt takes 12 tokens.*no room.*--max-prompt-length"):
+    with pytest.raises(ValueError, match=r"row 1: the prompt takes 12 tokens.*no room.*--max-prompt-length"):
         prepare_dataset(Dataset.from_list(PROMPTS), tokenizer, len(tokenizer),
                         Args(max_length=12, max_prompt_length=12))
 
 
+def test_a_long_prompt_keeps_its_end_and_its_bos(tokenizer):
+    rows = prepare_dataset(Dataset.from_list(PROMPTS[1:2]), tokenizer, len(tokenizer), Args(max_prompt_length=5))
+    full = prepare_dataset(Dataset.from_list(PROMPTS[1:2]), tokenizer, len(tokenizer), Args())
+    assert rows[0]["truncated"] and rows[0]["prompt_ids"] == full[0]["prompt_ids"][:1] + full[0]["prompt_ids"][-4:]
+    assert rows[0]["prompt_text"] == PROMPTS[1]["prompt"], "the judge reads the whole prompt"
+
+
 @pytest.mark.parametrize("overrides,message", [
-    ({"mixture_coef": 1.5}, r"--mixture-coef 1.5: β .* in \[0, 1\]"),
-    ({"mixture_coef": -0.1}, r"--mixture-coef -0.1"),
-    ({"temperature": 0.0}, "positive temperature"),
-    ({"tau": -1.0}, "cannot be negative"),
-    ({"max_new_tokens": 0}, "at least one token"),
-    ({"preference_model_path": None}, "no judge"),
+    ({"mixture_coef": 1.5}, r"--mixture-coef 1.5: must be in \[0, 1\]"),
+    ({"mixture_coef": -0.1}, r"--mixture-coef -0.1: must be in \[0, 1\]"),
+    ({"temperature": 0.0}, r"--temperature 0.0: must be > 0"),
+    ({"tau": -1.0}, r"--tau -1.0: must be >= 0"),
+    ({"max_new_tokens": 0}, r"--max-new-tokens 0: must be >= 1"),
+    ({"num_logged_completions": -1}, r"--num-logged-completions -1: must be >= 0"),
+    ({"preference_model_path": None}, r"--preference-model-path None: must be .*--reward-model-path.*no judge"),
+    ({"preference_template": "{prompt}{a}"}, r"--preference-template \{prompt\}\{a\}: must be a text with"),
 ])
-def test_bad_arguments_are_errors(tokenizer, overrides, message):
+def test_bad_arguments_are_errors(overrides, message):
+    """Nash-MD's own flags go through the shared check_args (algorithm_checks), before anything loads."""
     with pytest.raises(ValueError, match=message):
-        check_args(Args(**overrides), tokenizer)
+        check_args(Args(**overrides))
+
+
+def test_good_arguments_pass():
+    check_args(Args(tau=0.0, mixture_coef=1.0, num_logged_completions=0))  # no KL term, the reference as opponent
+    check_args(Args(preference_model_path=None, reward_model_path="org/reward", preference_template="unused"))
 
 
 def test_a_tokenizer_without_eos_is_an_error(tokenizer):
-    no_eos = SimpleNamespace(eos_token_id=None)
+    check_tokenizer(tokenizer)
     with pytest.raises(ValueError, match="no EOS token"):
-        check_args(Args(), no_eos)
+        check_tokenizer(SimpleNamespace(eos_token_id=None))
 
 
 def test_judges_that_cannot_score_are_errors(tokenizer, tmp_path):

@@ -1,7 +1,8 @@
 """Every script end to end, driven by its run golden file (tests/golden/<script>.run.json):
 
 - the metrics trajectory of a few steps on the bundled task matches the golden one (within its tolerance),
-- the same command again gives the same numbers bit for bit (same seed, same machine),
+- the same command again, writing checkpoints, gives the same numbers bit for bit (same seed, same machine), and a
+  copy of it stopped halfway resumes (--resume) to the same metrics and weights, bit for bit,
 - the saved policy and tokenizer reload with from_pretrained,
 - torchrun --nproc_per_node 2 (gloo on CPU) with the same global batch matches the one-process run.
 
@@ -13,7 +14,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from tests.golden import compare_metrics, golden_files, load, run_script
+from tests.golden import assert_same_run, compare_metrics, golden_files, interrupted_copy, load, run_script
 
 GOLDENS = {path.name.removesuffix(".run.json"): path for path in golden_files("run")}
 SCRIPTS = sorted(GOLDENS)
@@ -44,11 +45,16 @@ def test_run_matches_golden(script, single_run):
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
-def test_same_seed_same_numbers(script, single_run, tmp_path):
+def test_same_seed_same_numbers_and_resume_is_bit_for_bit(script, single_run, tmp_path):
     golden = load(GOLDENS[script])
     _, metrics = single_run(script)
-    again = run_script(golden["script"], golden["args"], tmp_path)
-    assert again == metrics, "two runs with the same seed on the same machine differ"
+    half = metrics[-1]["step"] // 2
+    args = golden["args"] + ["--save-steps", str(half), "--save-total-limit", "10"]
+    again = run_script(golden["script"], args, tmp_path / "whole")
+    assert again == metrics, "two runs with the same seed on the same machine differ (or checkpointing changed them)"
+    interrupted_copy(tmp_path / "whole", tmp_path / "resumed", half)
+    run_script(golden["script"], args + ["--resume"], tmp_path / "resumed")
+    assert_same_run(tmp_path / "resumed", tmp_path / "whole")
 
 
 @pytest.mark.parametrize("script", SCRIPTS)

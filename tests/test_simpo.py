@@ -15,7 +15,7 @@ from tokenizers import Tokenizer, models, processors
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 import algos.simpo
-from algos.simpo import Args, collate, completion_lengths, compute_loss, prepare_dataset, simpo_loss
+from algos.simpo import Args, check_args, collate, completion_lengths, compute_loss, prepare_dataset, simpo_loss
 
 EXAMPLES = [
     {"prompt": "Q: (1+2)*3\n", "chosen": "1 + 2 = 3\n3 * 3 = 9\nAnswer: 9", "rejected": "Answer: 8"},
@@ -93,11 +93,15 @@ def test_there_is_no_reference_model():
     assert not hasattr(algos.simpo, "precompute_ref_logps")
 
 
-@pytest.mark.parametrize("hyperparameters", [{"beta": 0.0}, {"beta": -2.0}, {"sft_weight": -1.0}])
-def test_bad_hyperparameters_are_errors(hyperparameters):
-    zeros, lengths = torch.zeros(2), torch.ones(2, dtype=torch.long)
-    with pytest.raises(ValueError, match=r"β must be positive and the SFT weight non-negative"):
-        simpo_loss(zeros, zeros, lengths, lengths, **{"beta": 2.0, "gamma_beta_ratio": 0.5, **hyperparameters})
+@pytest.mark.parametrize("flag,value,valid_range", [
+    ("beta", 0.0, "> 0"), ("beta", -2.0, "> 0"), ("gamma_beta_ratio", -0.1, ">= 0"),
+    ("label_smoothing", -0.1, r"in \[0, 0.5\)"), ("label_smoothing", 0.5, r"in \[0, 0.5\)"),
+    ("sft_weight", -1.0, ">= 0"),
+])
+def test_bad_hyperparameters_are_errors_naming_the_flag(flag, value, valid_range):
+    with pytest.raises(ValueError, match=rf"--{flag.replace('_', '-')} {value}: must be {valid_range}"):
+        check_args(Args(**{flag: value}))
+    check_args(Args())  # the defaults pass
 
 
 def test_empty_completions_give_finite_loss_and_gradient():
@@ -116,10 +120,10 @@ def test_rewards_carry_no_gradient():
 
 
 def test_bad_datasets_are_errors_that_name_the_fix(tokenizer):
-    with pytest.raises(ValueError, match=r"lacks the column\(s\) \['rejected'\].*SimPO needs.*rename the columns"):
+    with pytest.raises(ValueError, match=r"lacks the column\(s\) \['rejected'\].*simpo.py needs.*rename the columns"):
         prepare_dataset(Dataset.from_list([{"prompt": "Q: 1\n", "chosen": "Answer: 1"}]), tokenizer, 100, Args())
-    with pytest.raises(ValueError, match="the train split is empty"):
+    with pytest.raises(ValueError, match="the train split has no rows"):
         empty = Dataset.from_dict({"prompt": [], "chosen": [], "rejected": []})
         prepare_dataset(empty, tokenizer, 100, Args(), "the train split")
-    with pytest.raises(ValueError, match=r"example 0: the prompt takes \d+ tokens.*no room"):
+    with pytest.raises(ValueError, match=r"row 0: the prompt takes \d+ tokens.*no room"):
         prepare_dataset(Dataset.from_list(EXAMPLES), tokenizer, 100, Args(max_length=8, max_prompt_length=8))

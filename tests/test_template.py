@@ -11,7 +11,6 @@ import json
 import math
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -23,7 +22,7 @@ import torch
 from datasets import Dataset
 
 from algos.dpo import Args, check_args, load_splits, prepare_dataset
-from tests.golden import REPO, RUN_ENV, run_script
+from tests.golden import REPO, RUN_ENV, assert_same_run, interrupted_copy, run_script
 
 BANNER = "# Plumbing: every function below is the same, byte for byte, in every script that uses it"
 SCRIPTS = sorted(path.stem for path in (REPO / "algos").glob("*.py"))
@@ -145,26 +144,6 @@ def test_default_run_names_never_collide(tmp_path):
 
 
 # checkpoints and resume
-
-
-def interrupted_copy(source: Path, target: Path, step: int) -> None:
-    """What a run stopped after `step` leaves behind: its checkpoint-<step> and the metrics logged so far."""
-    target.mkdir()
-    shutil.copytree(source / f"checkpoint-{step}", target / f"checkpoint-{step}")
-    lines = [line for line in (source / "metrics.jsonl").read_text().splitlines() if json.loads(line)["step"] <= step]
-    (target / "metrics.jsonl").write_text("".join(line + "\n" for line in lines))
-
-
-def weights(directory: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    return load_file(next(directory.glob("*model.safetensors")))
-
-
-def assert_same_run(resumed: Path, uninterrupted: Path) -> None:
-    assert (resumed / "metrics.jsonl").read_text() == (uninterrupted / "metrics.jsonl").read_text()
-    a, b = weights(resumed), weights(uninterrupted)
-    assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a), "the weights differ"
 
 
 @pytest.mark.parametrize("flags", [[], ["--fsdp"]], ids=["ddp", "fsdp"])

@@ -24,6 +24,7 @@ import json
 import math
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -203,3 +204,25 @@ def compare_metrics(got: list[dict], expected: list[dict], rtol: float, atol: fl
             if not math.isclose(row[key], want[key], rel_tol=rtol, abs_tol=atol):
                 problems.append(f"step {want['step']} {key}: {row[key]!r}, expected {want[key]!r}")
     return problems
+
+
+def interrupted_copy(source: Path, target: Path, step: int) -> None:
+    """What a run stopped after `step` leaves behind: its checkpoint-<step> and the metrics logged so far."""
+    target.mkdir()
+    shutil.copytree(source / f"checkpoint-{step}", target / f"checkpoint-{step}")
+    lines = [line for line in (source / "metrics.jsonl").read_text().splitlines() if json.loads(line)["step"] <= step]
+    (target / "metrics.jsonl").write_text("".join(line + "\n" for line in lines))
+
+
+def weights(directory: Path) -> dict[str, torch.Tensor]:
+    """The saved model's (or adapter's) tensors."""
+    from safetensors.torch import load_file
+
+    return load_file(next(directory.glob("*model.safetensors")))
+
+
+def assert_same_run(resumed: Path, uninterrupted: Path) -> None:
+    """Bit for bit: the same metrics.jsonl and the same saved tensors."""
+    assert (resumed / "metrics.jsonl").read_text() == (uninterrupted / "metrics.jsonl").read_text()
+    a, b = weights(resumed), weights(uninterrupted)
+    assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a), "the weights differ"
