@@ -1,106 +1,26 @@
-"""Nash-MD: Nash learning from human feedback by mirror descent, in one file.
+"""Nash-MD (Nash learning from human feedback by mirror descent), in one file: online, plus the tabular algorithm.
 
-Paper: Munos, Valko, Calandriello, Azar, Rowland, Guo, Tang, Geist, Mesnard, Michi, Selvi, Girgin, Momchev,
-Bachem, Mankowitz, Precup, Piot, "Nash Learning from Human Feedback", ICML 2024, arXiv:2312.00886.
+Munos et al., "Nash Learning from Human Feedback", ICML 2024, arXiv:2312.00886. For a prompt x: y ~ π, y' ~ π^β (each
+token from π^(1-β)·π_ref^β, normalised), P = P(y ≻ y' | x) from a preference model, logp(y) the summed completion
+log-probs of y under the policy and ref(y) under the frozen reference:
+    loss = -(P - 1/2)·logp(y) + (τ/2)·(logp(y) - ref(y))²
+Data: prompt (a string or a list of messages; TRL's prompt-only format): the completions are sampled in training.
 
-Idea. A reward model assumes transitive preferences; a pairwise preference model P(y ≻ y' | x) does not
-(rock beats scissors beats paper beats rock). NLHF looks for the policy that no other policy beats in the
-regularised game P_τ(π ≻ π') = P(π ≻ π') - τ·KL(π‖μ) + τ·KL(π'‖μ), μ = π_ref: its unique Nash
-equilibrium π*_τ. Nash-MD reaches it by mirror descent against a geometric mixture of the current policy
-and the reference. Over a finite set of responses (`nash_md_tabular_step`):
-    π_t^μ(y) ∝ π_t(y)^(1-ητ)·μ(y)^(ητ)          π_t+1(y) ∝ π_t^μ(y)·exp(η·P(y ≻ π_t^μ))
-with η_t = 2/(τ(t+2)) the last iterate (not only the average) converges to π*_τ, the fixed point
-π ∝ μ·exp(P(y ≻ π)/τ) (`nash_md_tabular`); with τ = 0 it cycles. For a language model (Nash-MD-PG, the
-paper's section 7) each step samples y from π_θ and y' from the mixture, asks the preference model which is
-better, and follows the gradient of P_τ(π_θ ≻ π') with π' held fixed: winners up, losers down, towards μ.
+    python algos/nash_md.py                                                         # the bundled task, CPU, minutes
+    torchrun --nproc_per_node 2 algos/nash_md.py --per-device-train-batch-size 16  # same global batch
 
-Loss. For a prompt x: y ~ π, and y' ~ π^β, the paper's "one-step-at-a-time regularised policy" with
-β = --mixture-coef (TRL's mixture_coef), each token drawn from the normalised product
-    π^β(y_t | x, y_<t) ∝ π(y_t | x, y_<t)^(1-β) · π_ref(y_t | x, y_<t)^β
-logp(y) = Σ_t log π(y_t | x, y_<t) over the tokens of y (EOS included), ref(y) the same under the frozen
-reference, P = P(y ≻ y' | x) from the preference model and τ = --tau (TRL calls it beta):
-    loss = -(P - 1/2)·logp(y) + (τ/2)·(logp(y) - ref(y))²          averaged over the prompts
-Its gradient, the samples held fixed, is -(P - 1/2 - τ·(logp(y) - ref(y)))·∇logp(y), a one-sample estimate
-of -∇P_τ(π ≻ π'). The first term is REINFORCE on the preference with baseline 1/2, a tie (any constant
-keeps it unbiased, as E_π[∇logp] = 0). The second is the "k2" estimator ½(log π/π_ref)² of the KL, whose
-gradient on y ~ π, log(π/π_ref)(y)·∇logp(y), is an unbiased estimate of ∇KL(π‖π_ref) (both checked on a
-softmax bandit in tests/test_nash_md.py). The logged KL is the "k1" estimate logp(y) - ref(y), unbiased.
-With --reward-model-path, P = σ(r(x, y) - r(x, y')) instead (the Bradley-Terry link).
-
-Run (from anywhere; the defaults point at the bundled task in benchmarks/arith/):
-    python algos/nash_md.py                              # 1 process, CPU or one GPU
-    torchrun --nproc_per_node 2 algos/nash_md.py --per-device-train-batch-size 16   # same global batch
-    torchrun --nproc_per_node 2 algos/nash_md.py --fsdp --lora --fused-linear   # shard, adapters, no full logits
-    python benchmarks/arith/evaluate.py runs/<run_name>  # held-out accuracy of the saved policy
-    python algos/nash_md.py --model-name-or-path Qwen/Qwen2-0.5B-Instruct \\
-        --dataset-name trl-lib/ultrafeedback-prompt --reward-model-path trl-lib/Qwen2-0.5B-Reward \\
-        --tau 0.05 --mixture-coef 0.125 --learning-rate 5e-7 --max-new-tokens 256 \\
-        --per-device-train-batch-size 4 --gradient-accumulation-steps 8 --num-train-epochs 1 \\
-        --max-length 1024 --bf16 --gradient-checkpointing --eval-steps 500 --logging-steps 10
-
-Deviations from the paper (and from TRL's NashMDTrainer, which we read alongside):
-1. The opponent plays the token-level mixture above, as in the paper's experiments and TRL, not the
-   sequence-level geometric mixture of the tabular theory: that one's next-token conditionals need sums
-   over all continuations. Mixing logits (TRL) or log-probs (here) is the same after normalising.
-   --temperature divides the mixed log-probs, for y and y' alike; the estimate is on-policy only at 1.
-2. The KL gradient weights every token of y by the whole completion's log-ratio, the gradient of a true
-   loss (pinned by finite differences in the golden tests). The paper allows the reward-to-go refinement
-   (token n weighted by the log-ratios of tokens >= n: unbiased too, less variance); TRL weights each
-   token by its own log-ratio only, which is biased for the sequence-level KL.
-3. The preference model is read in both orders and symmetrised, P(y ≻ y') = σ((l(x, y, y') - l(x, y', y))/2)
-   from its log-odds l, so that P(y ≻ y') + P(y' ≻ y) = 1 exactly; identical completions get exactly 1/2.
-   It equals σ(l(x, y, y')) for an antisymmetric model; TRL asks its judge once. The judge reads the whole
-   prompt text even when --max-prompt-length cut the policy's.
-4. Completions that reach --max-new-tokens (or --max-length) without EOS are judged as they are, with no
-   penalty (TRL has an optional missing_eos_penalty for reward models); their share is logged.
-5. Optimiser: AdamW with linear warm-up then linear decay (TRL's default). The reference μ is the model we
-   start from, already trained on the task (the paper starts from an SFT model too).
-6. Each completion draws its sampling noise (Gumbel-max) from its own generator seeded by (seed, step,
-   example, y or y'): a sample does not depend on the rest of its batch, so one process and torchrun
-   train on the same samples. Evaluation uses "step 0": the same noise at every evaluation.
-7. In-script evaluation plays the policy against the reference (β = 1) under the same learned preference
-   model, so it measures what the judge thinks; benchmarks/arith/evaluate.py measures the truth.
-
-Defaults: chosen for the bundled task by a small sweep with a trial preference model (built like the bundled
-one with longer stages: agreement 0.865 against 0.78), then run with the bundled one: one process, seed 1,
-`python benchmarks/arith/evaluate.py` (256 held-out prompts; sampled = 8 samples each at temperature 1). The
-base model: greedy 0.602, sampled 0.319. One epoch, 93 steps of 32 prompts; times with another run on the CPU:
-    flags                                      greedy  sampled  KL    time
-    (defaults: lr 3e-4, τ 0.1, β 0.125)        0.645   0.417    0.39  162 s   the bundled judge
-    (defaults)                                 0.672   0.426    0.48  133 s   the trial judge, as below
-    --learning-rate 2e-4                       0.676   0.412    0.29  214 s
-    --learning-rate 5e-4                       0.621   0.417    0.62  169 s
-    --tau 0.05                                 0.652   0.438    0.59  138 s
-    --tau 0.2                                  0.680   0.393    0.30  143 s
-    --learning-rate 2e-5 (TRL-like; the earlier default)  0.594  0.320  0.00  136 s   a judge at chance
-The gain (+10 points sampled) is what the judge allows: the policy learns what the preference model prefers, and
-that model agrees with the verifier on 78% of held-out pairs, so it also rewards some wrong solutions; DPO on the
-verifier's own pairs gains +16. The in-script `eval/rewards/probabilities` (0.555 against the reference) measures
-the judge's view, evaluate.py the truth.
-
-Logged metrics (TRL's names where they exist; `train/` every `--logging-steps` steps, averaged over the
-prompts seen since the last log and over all processes; `eval/` over the whole held-out split, where the
-opponent y' is sampled from the reference instead of the mixture, β = 1):
-    loss                 the loss above (its value is not the objective: read the metrics below)
-    loss/kl              mean logp(y) - ref(y), the k1 estimate of KL(π‖π_ref)
-    objective/entropy    mean -logp(y), the Monte Carlo entropy of π over completions
-    rewards/probabilities  mean P(y ≻ y'): the expected win rate of π against the mixture (eval: the reference)
-    rewards/win_rate     fraction of prompts where P(y ≻ y') > 1/2, a tie (P = 1/2) counting one half
-    rewards/policy, rewards/opponent   with a reward model only: mean r(x, y) and r(x, y')
-    completions/length, completions/opponent_length   mean tokens of y and y' (EOS excluded)
-    completions/clipped_ratio, completions/opponent_clipped_ratio   share of y and y' cut without EOS
-    learning_rate, grad_norm (before clipping), epoch
-Everything goes to TensorBoard under runs/<run_name>/ (and W&B with --track), to runs/<run_name>/
-metrics.jsonl (one JSON object per logged step), to the progress bar, and into a final summary line.
-At each logging step a few sampled (prompt, y, y', P) go to TensorBoard's text tab and to
-runs/<run_name>/completions.jsonl.
-The trained model (with --lora: the adapter) and tokenizer are saved with save_pretrained into the same directory.
+Usage, metrics, implementation details, defaults and results: docs/algos/nash_md.md; conventions shared by every
+script (tokens, batches, logging, checkpoints, scaling flags): docs/conventions.md.
 """
 
 import itertools
 import json
 import os
 import random
+import re
+import secrets
+import shutil
+import signal
 import sys
 import time
 from contextlib import nullcontext
@@ -111,16 +31,18 @@ import datasets
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
 import transformers
 import tyro
 from datasets import Dataset, load_dataset
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_state_dict, set_state_dict
 from torch.distributed.fsdp import fully_shard
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
-from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, get_scheduler
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, get_scheduler
 
+SIGNALS = []  # the signals received, see note_signal
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)  # `kernels` lives at the repository root, next to algos/
 from kernels import linear_logprobs, logprobs  # noqa: E402
@@ -145,7 +67,15 @@ class Args:
     wandb_entity: str | None = None
     """the W&B entity (team)"""
     output_dir: str | None = None
-    """where logs, metrics.jsonl and the trained model go; default runs/<run_name>"""
+    """where logs, metrics.jsonl, checkpoints and the trained model go; default runs/<run_name>"""
+    overwrite: bool = False
+    """if toggled, start afresh in a non-empty --output-dir (its contents are deleted once model and data load)"""
+    resume: bool = False
+    """if toggled, continue from the newest complete checkpoint in --output-dir"""
+    save_steps: int = 500
+    """write a checkpoint every this many optimiser steps (0: never); SIGTERM and Ctrl-C also write one"""
+    save_total_limit: int = 2
+    """keep only the newest this many checkpoints"""
 
     model_name_or_path: str = os.path.join(REPO, "benchmarks/arith/model")
     """the policy to train and the frozen reference: a hub id or a local directory"""
@@ -155,6 +85,8 @@ class Args:
     """if toggled, run forward passes under bfloat16 autocast (GPU)"""
     gradient_checkpointing: bool = False
     """if toggled, recompute activations in the backward pass to save memory"""
+    disable_dropout: bool = True
+    """if toggled, set every dropout of the loaded models to 0 (before LoRA, whose own dropout stays)"""
     fsdp: bool = False
     """if toggled, shard the policy and the reference over the processes with FSDP2 (each decoder layer, then
     the root) instead of replicating them with DDP; needs torchrun (--nproc_per_node 1 for one process)"""
@@ -168,13 +100,14 @@ class Args:
     lora_dropout: float = 0.0
     """dropout on the input of the LoRA updates"""
     lora_target_modules: tuple[str, ...] = ("all-linear",)
-    """the module names that get adapters (e.g. q_proj v_proj), or all-linear: every linear layer but lm_head"""
+    """the module names that get adapters (e.g. q_proj v_proj), or all-linear: every linear layer but lm_head
+    (not the routed experts of mixture-of-experts models, whose weights are not linear layers)"""
     fused_linear: bool = False
     """if toggled, get the log-probs from the last hidden states and lm_head's weight chunk by chunk
     (kernels.linear_logprobs), never holding the full logits: less memory for large vocabularies"""
 
     dataset_name: str = os.path.join(REPO, "benchmarks/arith/data/prompts_{split}.jsonl")
-    """a hub id or a local .json/.jsonl/.parquet file; `{split}` in a file name is replaced by the split
+    """a hub id or a local .json/.jsonl/.csv/.parquet file; `{split}` in a file name is replaced by the split
     (a local file without it has only a training split, so no evaluation)"""
     dataset_config: str | None = None
     """the hub dataset's configuration name, if it has several"""
@@ -183,11 +116,11 @@ class Args:
     dataset_test_split: str | None = "test"
     """the split to evaluate on; None to skip evaluation"""
     max_length: int = 1024
-    """maximum tokens of prompt + completion; sampling stops there even before --max-new-tokens"""
+    """maximum tokens of prompt + completion (at most the model's positions); completions are cut at the end"""
     max_prompt_length: int = 512
     """maximum tokens of the prompt, cut according to --truncation-mode"""
     truncation_mode: Literal["keep_end", "keep_start"] = "keep_end"
-    """which part of a too-long prompt to keep: its end (next to the completion) or its start"""
+    """which part of a too-long prompt to keep: its end (next to the completion; BOS stays) or its start"""
 
     learning_rate: float = 3e-4
     """AdamW learning rate after warm-up"""
@@ -198,11 +131,11 @@ class Args:
     max_grad_norm: float = 1.0
     """clip the global gradient norm to this (inf: no clipping)"""
     per_device_train_batch_size: int = 32
-    """prompts per process per micro-batch; global batch = this x processes x accumulation steps"""
+    """rows per process per micro-batch; global batch = this x processes x accumulation steps"""
     gradient_accumulation_steps: int = 1
     """micro-batches accumulated into one optimiser step"""
     per_device_eval_batch_size: int = 64
-    """prompts per process per evaluation batch"""
+    """rows per process per evaluation batch"""
     num_train_epochs: int = 1
     """passes over the training split (ignored when --max-steps is set)"""
     max_steps: int | None = None
@@ -225,181 +158,51 @@ class Args:
     preference_template: str = "{prompt}[1]\n{a}\n[2]\n{b}\n"
     """the text the preference model reads for prompt, a and b (its tokenizer adds its special tokens)"""
     reward_model_path: str | None = None
-    """if set, judge with this reward model (one output, read on prompt + completion) through
-    Bradley-Terry, instead of the preference model"""
+    """if set, judge with this reward model (one output, read on prompt + completion) through Bradley-Terry"""
     num_logged_completions: int = 2
     """sampled (prompt, y, y', P) written to the logs at each logging step"""
 
 
-def nash_md_tabular_step(
-    policy: torch.Tensor, reference: torch.Tensor, preference: torch.Tensor, eta: float, tau: float
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """One step of tabular Nash-MD over K responses, and the mixture it played against.
-
-    policy π_t and reference μ are (K,) probability vectors, preference the (K, K) matrix of
-    P(y_i ≻ y_j) (P + Pᵀ = 1). With P(y ≻ π) = Σ_y' P(y ≻ y')·π(y'):
-        π_t^μ(y) ∝ π_t(y)^(1-ητ) · μ(y)^(ητ)                  (the normalised geometric mixture)
-        π_t+1(y) ∝ π_t^μ(y) · exp(η · P(y ≻ π_t^μ))           (mirror descent against it)
-    returns (π_t+1, π_t^μ), each (K,). Requires 0 <= ητ <= 1; a zero probability stays zero
-    (0^0 = 1, so ητ = 1 plays μ whatever the support of π_t).
-    """
-    if not 0 <= eta * tau <= 1:
-        raise ValueError(f"η·τ = {eta * tau}: the mixture weight η·τ must lie in [0, 1]; lower the step size η")
-    mixture = torch.softmax(torch.xlogy(1 - eta * tau, policy) + torch.xlogy(eta * tau, reference), dim=-1)
-    next_policy = torch.softmax(mixture.log() + eta * (preference @ mixture), dim=-1)
-    return next_policy, mixture
-
-
-def nash_md_tabular(preference: torch.Tensor, reference: torch.Tensor, tau: float, num_steps: int,
-                    policy: torch.Tensor | None = None) -> torch.Tensor:
-    """The last iterate of `num_steps` tabular Nash-MD steps from `policy` (default: the reference) with
-    the paper's step sizes η_t = 2/(τ(t + 2)), t = 0, 1, ...: it converges to the regularised Nash
-    equilibrium π ∝ μ·exp(P(y ≻ π)/τ) (Munos et al. 2023, Theorem 1). Requires τ > 0."""
-    if tau <= 0:
-        raise ValueError(f"--tau {tau}: the step sizes 2/(τ(t + 2)) need τ > 0 (at τ = 0 Nash-MD cycles)")
-    policy = reference if policy is None else policy
-    for t in range(num_steps):
-        policy, _ = nash_md_tabular_step(policy, reference, preference, 2 / (tau * (t + 2)), tau)
-    return policy
-
-
-def geometric_mixture(
-    policy_logits: torch.Tensor | None, reference_logits: torch.Tensor | None, mixture_coef: float | torch.Tensor,
-    temperature: float = 1.0,
-) -> torch.Tensor:
-    """Next-token log-probs of the token-level geometric mixture of policy and reference.
-
-    (..., V) logits of each model at the same position, and β the mixture coefficient (a number, or a
-    tensor broadcasting against (..., 1): one β per row); a model may be None where its weight is 0 on
-    every row. With T the temperature:
-        log π^β(·) = log_softmax(((1 - β)·log_softmax(policy_logits) + β·log_softmax(reference_logits)) / T)
-    β = 0 is the policy at temperature T, β = 1 the reference at temperature T.
-    """
-    mixed = 0
-    if policy_logits is not None:
-        mixed = mixed + (1 - mixture_coef) * policy_logits.log_softmax(-1)
-    if reference_logits is not None:
-        mixed = mixed + mixture_coef * reference_logits.log_softmax(-1)
-    return (mixed / temperature).log_softmax(-1)
-
-
-def nash_md_loss(
-    policy_logps: torch.Tensor,
-    reference_logps: torch.Tensor,
-    probabilities: torch.Tensor,
-    tau: float,
-) -> tuple[torch.Tensor, torch.Tensor]:
+def nash_md_loss(policy_logps: torch.Tensor, reference_logps: torch.Tensor, probabilities: torch.Tensor,
+                 tau: float) -> tuple[torch.Tensor, torch.Tensor]:
     """The Nash-MD policy-gradient loss of each sampled completion, and its KL estimate.
 
-    Inputs are (B,): logp(y) and ref(y), sums of completion-token log-probs of y ~ π under the policy and
-    the reference, and P(y ≻ y') against the opponent y' ~ mixture. With
+    Inputs are (B,): logp(y) and ref(y), sums of completion-token log-probs of y ~ π under the policy and the
+    reference, and P(y ≻ y') against the opponent y' ~ mixture. With
         loss = -(P(y ≻ y') - 1/2)·logp(y) + (τ/2)·(logp(y) - ref(y))²
-    the gradient with respect to logp(y) is -(P - 1/2 - τ·(logp(y) - ref(y))): the paper's Nash-MD-PG
-    estimate times ∇logp(y). Returns (losses, kl), each (B,): the per-completion losses (differentiable)
-    and logp(y) - ref(y) (detached), the k1 estimate of KL(π‖π_ref).
+    the gradient with respect to logp(y) is -(P - 1/2 - τ·(logp(y) - ref(y))): the paper's Nash-MD-PG estimate
+    times ∇logp(y). Returns (losses, kl), each (B,): the per-completion losses (differentiable) and logp(y) - ref(y)
+    (detached), the k1 estimate of KL(π‖π_ref).
     """
     log_ratios = policy_logps - reference_logps
     losses = -(probabilities - 0.5) * policy_logps + tau / 2 * log_ratios**2
     return losses, log_ratios.detach()
 
 
-def load_splits(name: str, config: str | None, train_split: str, test_split: str | None):
-    """(train, test or None): splits of a hub dataset, or local .json/.jsonl/.parquet files where `{split}`
-    in the name is replaced by the split (a file name without it is the training data only: no test)."""
-    extension = os.path.splitext(name)[1]
-    if extension not in (".json", ".jsonl", ".parquet"):
-        test = load_dataset(name, config, split=test_split) if test_split else None
-        return load_dataset(name, config, split=train_split), test
-
-    def load_file(split):
-        path = name.replace("{split}", split)
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"no dataset file {path} (--dataset-name {name}, split {split})")
-        return load_dataset("parquet" if extension == ".parquet" else "json", data_files=path, split="train")
-
-    return load_file(train_split), (load_file(test_split) if test_split and "{split}" in name else None)
+def algorithm_checks(args: Args) -> list[tuple[str, bool, str]]:
+    """This script's own flags for check_args: (flag, whether its value is valid, the valid range)."""
+    judged = args.preference_model_path is not None or args.reward_model_path is not None
+    fields = args.reward_model_path is not None or all(f"{{{k}}}" in args.preference_template for k in ("prompt", "a", "b"))
+    return [("tau", args.tau >= 0, ">= 0 (0: no KL term)"), ("mixture-coef", 0 <= args.mixture_coef <= 1, "in [0, 1]"),
+            ("temperature", args.temperature > 0, "> 0"), ("max-new-tokens", args.max_new_tokens >= 1, ">= 1"),
+            ("num-logged-completions", args.num_logged_completions >= 0, ">= 0"),
+            ("preference-model-path", judged, "a preference model, or --reward-model-path a reward model: no judge"),
+            ("preference-template", fields, "a text with {prompt}, {a} and {b}")]
 
 
-def is_conversational(value) -> bool:
-    """TRL's conversational format: a list of {"role": ..., "content": ...} messages."""
-    return isinstance(value, list) and len(value) > 0 and isinstance(value[0], dict) and "role" in value[0]
+COLUMNS = ["prompt"]  # what a row needs (TRL's prompt-only format: the completions are sampled in training)
 
 
-def apply_chat_template(tokenizer, prompt: list, completions: list[list]) -> tuple[str, list[str]]:
-    """Render a conversational prompt with the generation prompt, and each completion as the rendered
-    prompt + completion conversation minus the rendered prompt."""
-    if tokenizer.chat_template is None:
-        raise ValueError("the dataset is conversational (lists of messages) but the tokenizer has no chat "
-                         "template: set tokenizer.chat_template, or use a dataset of plain strings")
-    prompt_text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
-    texts = []
-    for completion in completions:
-        if not is_conversational(completion):
-            raise ValueError("the prompt is a list of messages but a completion is not: use one format")
-        text = tokenizer.apply_chat_template(prompt + completion, tokenize=False)
-        if not text.startswith(prompt_text):
-            raise ValueError(f"the chat template does not render the prompt {prompt_text!r} as a prefix of "
-                             f"prompt + completion {text!r}, so the completion cannot be cut out")
-        texts.append(text[len(prompt_text) :])
-    return prompt_text, texts
-
-
-def tokenize_prompt(tokenizer, text: str) -> list[int]:
-    """Prompt token ids, starting with BOS (once) when the tokenizer has one."""
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    if tokenizer.bos_token_id is not None and ids[:1] != [tokenizer.bos_token_id]:
-        ids = [tokenizer.bos_token_id] + ids
-    if not ids:
-        raise ValueError("the prompt is empty and the tokenizer has no BOS: nothing to predict the completion from")
-    return ids
-
-
-def truncate(prompt_ids: list[int], completions_ids: list[list[int]], max_length, max_prompt_length, truncation_mode):
-    """Cut the prompt to max_prompt_length tokens (keep_end keeps its end, keep_start its start), then each
-    completion at its end to fit max_length. Raises if not even one completion token fits."""
-    if len(prompt_ids) > max_prompt_length:
-        keep_end = truncation_mode == "keep_end"
-        prompt_ids = prompt_ids[-max_prompt_length:] if keep_end else prompt_ids[:max_prompt_length]
-    room = max_length - len(prompt_ids)
-    if room < 1:
-        raise ValueError(f"the prompt takes {len(prompt_ids)} tokens, which leaves no room for the completion "
-                         f"within --max-length {max_length}: lower --max-prompt-length or raise --max-length")
-    return prompt_ids, [ids[:room] for ids in completions_ids]
-
-
-def tokenize_row(example: dict, tokenizer, max_length, max_prompt_length, truncation_mode) -> dict:
-    """A prompt-only example, standard or conversational -> the prompt's token ids, and its text for the judge."""
-    prompt = example["prompt"]
-    if is_conversational(prompt):
+def tokenize_row(example: dict, tokenizer, args: Args) -> dict:
+    """A prompt-only row, standard or conversational -> the prompt's token ids and its text (for the judge), with
+    the flag that prepare_dataset counts: truncated."""
+    prompt, = text_columns(example, COLUMNS)
+    if not isinstance(prompt, str):
         prompt, _ = apply_chat_template(tokenizer, prompt, [])
     prompt_ids = tokenize_prompt(tokenizer, prompt)
     length = len(prompt_ids)
-    prompt_ids, _ = truncate(prompt_ids, [], max_length, max_prompt_length, truncation_mode)
+    prompt_ids, _ = truncate(prompt_ids, [], tokenizer.bos_token_id, args)
     return {"prompt_ids": prompt_ids, "prompt_text": prompt, "truncated": len(prompt_ids) != length}
-
-
-def prepare_dataset(dataset: Dataset, tokenizer, vocab_size: int, args: Args, name="the dataset") -> list[dict]:
-    """Check a prompt-only dataset and tokenize it into a list of `tokenize_row` rows, each with its index."""
-    columns = ["prompt"]
-    missing = [column for column in columns if column not in dataset.column_names]
-    if missing:
-        raise ValueError(f"{name} lacks the column(s) {missing}: it has {dataset.column_names}, and Nash-MD needs "
-                         f"{columns} (TRL's prompt-only format, as strings or lists of messages; the completions "
-                         "are sampled during training): rename the column")
-    if len(dataset) == 0:
-        raise ValueError(f"{name} is empty: check --dataset-name and the split")
-    rows = []
-    for i, example in enumerate(dataset):
-        try:
-            row = tokenize_row(example, tokenizer, args.max_length, args.max_prompt_length, args.truncation_mode)
-        except ValueError as error:
-            raise ValueError(f"{name}, example {i}: {error}") from error
-        top = max(row["prompt_ids"])
-        if top >= vocab_size:
-            raise ValueError(f"{name}, example {i}: token id {top} is outside the model's vocabulary of "
-                             f"{vocab_size}: the tokenizer does not belong to the model")
-        rows.append({**row, "index": i})
-    return rows
 
 
 def collate(rows: list[dict], completions: list[list[int]], pad_token_id: int) -> dict[str, torch.Tensor]:
@@ -417,67 +220,52 @@ def collate(rows: list[dict], completions: list[list[int]], pad_token_id: int) -
     }
 
 
-def forward_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, fused_linear: bool = False):
-    """The (N, T, V) logits of a forward pass; with fused_linear instead the pair (last hidden states (N, T, H),
-    lm_head weight (V, H)), which `shifted_logprobs` projects chunk by chunk. Both go through the model's own
-    forward (with no logits to keep), so that DDP syncs the gradients and FSDP gathers the parameters."""
-    if not fused_linear:
-        return model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
-    no_logits = torch.empty(0, dtype=torch.long, device=input_ids.device)
-    output = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, output_hidden_states=True,
-                   logits_to_keep=no_logits)
-    return output.hidden_states[-1], (model.module if isinstance(model, DDP) else model).get_output_embeddings().weight
-
-
-def shifted_logprobs(logits, labels: torch.Tensor) -> torch.Tensor:
-    """(N, T-1) float32 log π(y_t | x, y_<t) of each label: the logits at position t predict token t + 1.
-    `logits` as `forward_logits` returns them: a tensor, or (hidden, weight) for kernels.linear_logprobs."""
-    if isinstance(logits, tuple):
-        hidden, weight = logits
-        return linear_logprobs(hidden[:, :-1], weight, labels[:, 1:])
-    return logprobs(logits[:, :-1], labels[:, 1:])
-
-
-def batch_logps(logits, labels: torch.Tensor) -> torch.Tensor:
-    """(N,) float32 sums of log π(y_t | x, y_<t) over the completion tokens. The logits at position t
-    predict token t + 1, hence the shift; labels are -100 on prompt and padding, which count 0."""
-    return shifted_logprobs(logits, labels).sum(-1)
-
-
-def completion_logps(model, batch: dict, fused_linear: bool = False) -> torch.Tensor:
-    """The (B,) completion log-probs of the sequences of a `collate` batch, in one forward pass."""
-    logits = forward_logits(model, batch["input_ids"], batch["attention_mask"], fused_linear)
-    return batch_logps(logits, batch["labels"])
+def completion_logps(model, batch: dict, fused_linear: bool = False):
+    """The (B,) completion log-probs of a `collate` batch in one forward pass, and the router's auxiliary loss (0
+    for dense models)."""
+    logits, aux_loss = forward_logits(model, batch["input_ids"], batch["attention_mask"], fused_linear)
+    return batch_logps(logits, batch["labels"]), aux_loss
 
 
 def row_generators(seed: int, step: int, indices: list[int], stream: int) -> list[torch.Generator]:
-    """One CPU generator per row, seeded by (seed, step, example index, stream): a sample's noise depends
-    on nothing else, so a prompt gets the same sample in any batch on any number of processes."""
+    """One CPU generator per row, seeded by (seed, step, row index, stream): a sample's noise depends on nothing
+    else, so a prompt gets the same sample in any batch, on any number of processes, and after --resume."""
     keys = [((seed * 1_000_003 + step) * 1_000_003 + index) * 2 + stream for index in indices]
     return [torch.Generator().manual_seed(key % 2**63) for key in keys]
+
+
+def geometric_mixture(policy_logits: torch.Tensor | None, reference_logits: torch.Tensor | None,
+                      mixture_coef: float | torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """Next-token log-probs of the token-level geometric mixture of policy and reference: from (..., V) logits at
+    the same position, β a number or a tensor broadcasting against (..., 1) (one β per row), T the temperature,
+        log π^β(·) = log_softmax(((1 - β)·log_softmax(policy_logits) + β·log_softmax(reference_logits)) / T)
+    (β = 0: the policy, β = 1: the reference, at temperature T). A model may be None where its weight is 0 on every
+    row."""
+    mixed = 0
+    if policy_logits is not None:
+        mixed = mixed + (1 - mixture_coef) * policy_logits.log_softmax(-1)
+    if reference_logits is not None:
+        mixed = mixed + mixture_coef * reference_logits.log_softmax(-1)
+    return (mixed / temperature).log_softmax(-1)
 
 
 @torch.no_grad()
 def sample_completions(policy, ref_model, prompts: list[list[int]], budgets: list[int], mixture_coefs: list[float],
                        temperature: float, generators: list[torch.Generator], pad_token_id: int,
                        eos_token_id: int, sync_ranks: bool = False) -> list[list[int]]:
-    """One completion per prompt from the token-level geometric mixture with that row's β (`geometric_mixture`;
-    β = 0: the policy alone, β = 1: the reference alone). Each model runs, with its own KV cache, only on the
-    rows that give it a weight; the policy runs in eval mode.
-
-    Prompts are left-padded. Completion i ends with its first EOS (kept) or after budgets[i] tokens.
-    Row i draws its Gumbel noise from generators[i] alone: argmax(log π^β + Gumbel) is a sample of π^β.
-    With sync_ranks every process goes on until all processes are done.
-    """
+    """One completion per (left-padded) prompt from the token-level geometric mixture with that row's β
+    (`geometric_mixture`; 0: the policy alone, 1: the reference alone), ending with its first EOS (kept) or after
+    budgets[i] tokens. Each model runs, in eval mode with its own KV cache, only on the rows that give it a weight.
+    Row i draws its Gumbel noise from generators[i] alone: argmax(log π^β + Gumbel) is a sample of π^β. With
+    sync_ranks every process goes on until all processes are done."""
     device = next(policy.parameters()).device
     width = max(map(len, prompts))
     input_ids = torch.tensor([[pad_token_id] * (width - len(p)) + p for p in prompts], device=device)
     attention_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
     mixture_coef = torch.tensor(mixture_coefs, device=device)[:, None]
-    players = {"policy": (policy, (mixture_coef[:, 0] < 1).nonzero()[:, 0]),
-               "reference": (ref_model, (mixture_coef[:, 0] > 0).nonzero()[:, 0])}
-    players = {name: (player, rows) for name, (player, rows) in players.items() if len(rows) > 0}
+    weighted = {"policy": (policy, mixture_coef[:, 0] < 1), "reference": (ref_model, mixture_coef[:, 0] > 0)}
+    players = {name: (player, rows.nonzero()[:, 0]) for name, (player, rows) in weighted.items() if rows.any()}
     caches = dict.fromkeys(players)
     completions, done = [[] for _ in prompts], [False] * len(prompts)
     was_training = policy.training
@@ -512,14 +300,11 @@ def sample_completions(policy, ref_model, prompts: list[list[int]], budgets: lis
 
 @torch.no_grad()
 def preference_probabilities(judge, prompts: list[str], completions: list[str], opponents: list[str], args: Args):
-    """(P, scores, opponent_scores), each (B,): P(y ≻ y') for each prompt x, completion y and opponent y'.
-
-    judge = (model, tokenizer), a sequence classifier with one output. A preference model reads
-    --preference-template in both orders and P(y ≻ y') = σ((l(x, y, y') - l(x, y', y)) / 2), so that
-    P(y ≻ y') + P(y' ≻ y) = 1; a reward model (--reward-model-path) reads x + y and x + y', and
-    P(y ≻ y') = σ(r(x, y) - r(x, y')). Identical completions get exactly 1/2. The scores are l(x, y, y')
-    and l(x, y', y), or r(x, y) and r(x, y').
-    """
+    """(P, scores, opponent_scores), each (B,): P(y ≻ y') for each prompt x, completion y and opponent y', from
+    judge = (model, tokenizer), a one-output sequence classifier. A preference model reads --preference-template in
+    both orders: P(y ≻ y') = σ((l(x, y, y') - l(x, y', y)) / 2), so that P(y ≻ y') + P(y' ≻ y) = 1, and the scores
+    are l(x, y, y'), l(x, y', y). A reward model reads x + y and x + y': P(y ≻ y') = σ(r(x, y) - r(x, y')), scores
+    r(x, y), r(x, y'). Identical completions get exactly 1/2."""
     model, tokenizer = judge
     if args.reward_model_path is not None:
         texts = [x + y for x, y in zip(prompts + prompts, completions + opponents)]
@@ -536,9 +321,8 @@ def preference_probabilities(judge, prompts: list[str], completions: list[str], 
 
 def compute_loss(model, ref_model, judge, tokenizer, rows: list[dict], step: int, args: Args, pad_token_id: int,
                  mixture_coef: float):
-    """One round on a micro-batch of prompts: y ~ π, y' ~ π^β (β = mixture_coef), P(y ≻ y') from the judge.
-    Returns the mean loss, the sums over its prompts of the logged metrics, and the first
-    --num-logged-completions (prompt, y, y', P)."""
+    """One round on a micro-batch of rows: y ~ π, y' ~ π^β (β = mixture_coef), P(y ≻ y') from the judge. Returns the
+    mean loss, the sums over its rows of the logged metrics, and the first --num-logged-completions (x, y, y', P)."""
     policy = model.module if isinstance(model, DDP) else model
     device = next(policy.parameters()).device
     prompts = [row["prompt_ids"] for row in rows]
@@ -554,50 +338,29 @@ def compute_loss(model, ref_model, judge, tokenizer, rows: list[dict], step: int
                              for side in (completions, opponents))
     probabilities, scores, opponent_scores = preference_probabilities(judge, prompt_texts, texts, opponent_texts, args)
     batch = {k: v.to(device) for k, v in collate(rows, completions, pad_token_id).items()}
-    policy_logps = completion_logps(model, batch, args.fused_linear)
+    policy_logps, aux_loss = completion_logps(model, batch, args.fused_linear)
     with torch.no_grad():
-        reference_logps = completion_logps(ref_model, batch, args.fused_linear)
+        reference_logps, _ = completion_logps(ref_model, batch, args.fused_linear)
     losses, kl = nash_md_loss(policy_logps, reference_logps, probabilities, args.tau)
-
-    def total(values) -> torch.Tensor:
-        return torch.tensor(float(sum(values)), device=device)
-
-    def length(ids: list[int]) -> int:
-        return len(ids) - (ids[-1] == tokenizer.eos_token_id)
-
+    eos = tokenizer.eos_token_id
+    lengths = [float(sum(len(ids) - (ids[-1] == eos) for ids in side)) for side in (completions, opponents)]
+    clipped = [float(sum(ids[-1] != eos for ids in side)) for side in (completions, opponents)]
     metrics = {
         "loss": losses.detach().sum(),
         "loss/kl": kl.sum(),
         "objective/entropy": -policy_logps.detach().sum(),
         "rewards/probabilities": probabilities.sum(),
         "rewards/win_rate": ((probabilities > 0.5).float() + 0.5 * (probabilities == 0.5).float()).sum(),
-        "completions/length": total(map(length, completions)),
-        "completions/opponent_length": total(map(length, opponents)),
-        "completions/clipped_ratio": total(ids[-1] != tokenizer.eos_token_id for ids in completions),
-        "completions/opponent_clipped_ratio": total(ids[-1] != tokenizer.eos_token_id for ids in opponents),
+        "completions/length": torch.tensor(lengths[0], device=device),
+        "completions/opponent_length": torch.tensor(lengths[1], device=device),
+        "completions/clipped_ratio": torch.tensor(clipped[0], device=device),
+        "completions/opponent_clipped_ratio": torch.tensor(clipped[1], device=device),
     }
     if args.reward_model_path is not None:
         metrics.update({"rewards/policy": scores.sum(), "rewards/opponent": opponent_scores.sum()})
     logged = zip(prompt_texts, texts, opponent_texts, probabilities.tolist())
     samples = [dict(zip(("prompt", "completion", "opponent", "probability"), sample)) for sample in logged]
-    return losses.mean(), metrics, samples[: args.num_logged_completions]
-
-
-def global_batches(num_rows: int, global_batch_size: int, seed: int):
-    """Endless row indices of global batches: a seeded permutation per epoch, its last partial batch dropped."""
-    for epoch in itertools.count():
-        order = torch.randperm(num_rows, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
-        for start in range(0, num_rows - global_batch_size + 1, global_batch_size):
-            yield order[start : start + global_batch_size]
-
-
-def mean_over_ranks(sums: dict[str, torch.Tensor], count: torch.Tensor) -> dict[str, float]:
-    """Metric sums divided by the number of prompts, both summed over all processes."""
-    keys = sorted(sums)
-    totals = torch.stack([sums[key] for key in keys] + [count]).float()
-    if dist.is_initialized():
-        dist.all_reduce(totals)
-    return {key: (totals[i] / totals[-1]).item() for i, key in enumerate(keys)}
+    return losses.mean() + aux_loss, metrics, samples[: args.num_logged_completions]
 
 
 @torch.no_grad()
@@ -619,38 +382,271 @@ def evaluate(policy, ref_model, judge, tokenizer, rows: list[dict], args: Args, 
     return {f"eval/{k}": v for k, v in mean_over_ranks(sums, count).items()}
 
 
-def check_args(args: Args, tokenizer) -> None:
-    """Nash-MD's own arguments: ValueErrors that name the problem and the fix."""
-    if not 0 <= args.mixture_coef <= 1:
-        raise ValueError(f"--mixture-coef {args.mixture_coef}: β is the reference's weight in the mixture, in [0, 1]")
-    if args.temperature <= 0:
-        raise ValueError(f"--temperature {args.temperature}: sampling needs a positive temperature (1 is on-policy)")
-    if args.tau < 0:
-        raise ValueError(f"--tau {args.tau}: the KL regulariser's strength τ cannot be negative (0 switches it off)")
-    if args.max_new_tokens < 1:
-        raise ValueError(f"--max-new-tokens {args.max_new_tokens}: a completion needs at least one token")
-    if args.preference_model_path is None and args.reward_model_path is None:
-        raise ValueError("no judge: set --preference-model-path (a pairwise preference model) or "
-                         "--reward-model-path (a reward model, used through Bradley-Terry)")
+def check_tokenizer(tokenizer) -> None:
+    """Raise, before the models load, unless the policy's tokenizer has EOS."""
     if tokenizer.eos_token_id is None:
         raise ValueError("the tokenizer has no EOS token, so sampled completions cannot end: set tokenizer.eos_token")
 
 
 def load_judge(args: Args, dtype: torch.dtype, device) -> tuple:
-    """(model, tokenizer) of the reward model if --reward-model-path is set, else of the preference model:
-    a frozen sequence classifier with one output, in eval mode."""
+    """(model, tokenizer) of the reward model if set, else of the preference model: a frozen one-output classifier."""
     path = args.reward_model_path if args.reward_model_path is not None else args.preference_model_path
     model = AutoModelForSequenceClassification.from_pretrained(path, dtype=dtype).to(device)
     model.eval().requires_grad_(False)
     tokenizer = AutoTokenizer.from_pretrained(path)
     if model.config.num_labels != 1:
-        raise ValueError(f"the judge {path} has {model.config.num_labels} outputs; it needs one (a log-odds or "
-                         "a reward): train it with num_labels=1")
+        raise ValueError(f"the judge {path} has {model.config.num_labels} outputs; it needs one: num_labels=1")
     if tokenizer.pad_token_id is None:
-        raise ValueError(f"the judge {path} has no pad token, so it cannot score a padded batch: set its "
-                         "tokenizer's pad_token")
+        raise ValueError(f"the judge {path} has no pad token, so it cannot score a batch: set its tokenizer's pad_token")
     model.config.pad_token_id = tokenizer.pad_token_id  # where the classifier looks for each text's last token
     return model, tokenizer
+
+
+def nash_md_tabular_step(policy: torch.Tensor, reference: torch.Tensor, preference: torch.Tensor, eta: float,
+                         tau: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """One step of tabular Nash-MD over K responses: policy π_t and reference μ are (K,) probability vectors,
+    preference the (K, K) matrix of P(y_i ≻ y_j) (P + Pᵀ = 1), P(y ≻ π) = Σ_y' P(y ≻ y')·π(y'), and 0 <= ητ <= 1:
+        π_t^μ(y) ∝ π_t(y)^(1-ητ) · μ(y)^(ητ),        π_t+1(y) ∝ π_t^μ(y) · exp(η · P(y ≻ π_t^μ))
+    returns (π_t+1, π_t^μ), each (K,): the next policy, and the normalised geometric mixture it played against by
+    mirror descent. A zero probability stays zero (0^0 = 1, so ητ = 1 plays μ whatever the support of π_t)."""
+    if not 0 <= eta * tau <= 1:
+        raise ValueError(f"η·τ = {eta * tau}: the mixture weight η·τ must lie in [0, 1]; lower the step size η")
+    mixture = torch.softmax(torch.xlogy(1 - eta * tau, policy) + torch.xlogy(eta * tau, reference), dim=-1)
+    next_policy = torch.softmax(mixture.log() + eta * (preference @ mixture), dim=-1)
+    return next_policy, mixture
+
+
+def nash_md_tabular(preference: torch.Tensor, reference: torch.Tensor, tau: float, num_steps: int,
+                    policy: torch.Tensor | None = None) -> torch.Tensor:
+    """The last iterate of `num_steps` tabular Nash-MD steps from `policy` (default: the reference) with the paper's
+    step sizes η_t = 2/(τ(t + 2)), t = 0, 1, ...: it converges to the regularised Nash equilibrium
+    π ∝ μ·exp(P(y ≻ π)/τ) (Munos et al. 2023, Theorem 1). Requires τ > 0."""
+    if tau <= 0:
+        raise ValueError(f"--tau {tau}: the step sizes 2/(τ(t + 2)) need τ > 0 (at τ = 0 Nash-MD cycles)")
+    policy = reference if policy is None else policy
+    for t in range(num_steps):
+        policy, _ = nash_md_tabular_step(policy, reference, preference, 2 / (tau * (t + 2)), tau)
+    return policy
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Plumbing: every function below is the same, byte for byte, in every script that uses it (tests/test_template.py)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def check_args(args: Args) -> None:
+    """Every flag, checked before anything is loaded or written: one error naming each bad flag and its range."""
+    at_least = {"per_device_train_batch_size": 1, "gradient_accumulation_steps": 1, "per_device_eval_batch_size": 1,
+                "num_train_epochs": 1, "max_steps": 1, "logging_steps": 1, "eval_steps": 0, "save_steps": 0,
+                "save_total_limit": 1, "max_length": 1, "max_prompt_length": 1, "lora_r": 1, "threads": 1}
+    checks = [(name.replace("_", "-"), getattr(args, name) is None or getattr(args, name) >= low, f">= {low}")
+              for name, low in at_least.items()]
+    checks += [("learning-rate", args.learning_rate > 0, "> 0"), ("max-grad-norm", args.max_grad_norm > 0, "> 0"),
+               ("warmup-ratio", 0 <= args.warmup_ratio <= 1, "in [0, 1]"),
+               ("lora-dropout", 0 <= args.lora_dropout < 1, "in [0, 1)")] + algorithm_checks(args)
+    problems = [f"--{flag} {getattr(args, flag.replace('-', '_'))}: must be {valid_range}"
+                for flag, valid, valid_range in checks if not valid]
+    path = args.model_name_or_path
+    if (os.path.isabs(path) or path.startswith((".", "~")) or path.count("/") > 1) and not os.path.isdir(path):
+        problems.append(f"--model-name-or-path: no model at {path} (a local directory, or a hub id like org/name)")
+    if args.fsdp and "RANK" not in os.environ:
+        problems.append("--fsdp shards over the processes torchrun starts: launch with torchrun (--nproc_per_node 1 "
+                        "for one process)")
+    if args.resume and args.overwrite:
+        problems.append("--resume continues the run in --output-dir, --overwrite deletes it: choose one")
+    elif args.resume and (args.output_dir is None or latest_checkpoint(args.output_dir) is None):
+        problems.append(f"--resume: no complete checkpoint-<step> in --output-dir {args.output_dir} to continue from")
+    elif args.resume:
+        saved = json.load(open(os.path.join(latest_checkpoint(args.output_dir), "checkpoint.json")))["world_size"]
+        if saved != int(os.environ.get("WORLD_SIZE", "1")):
+            problems.append(f"--resume: the checkpoint was written by {saved} processes: resume with as many")
+    elif args.output_dir and os.path.isdir(args.output_dir) and os.listdir(args.output_dir) and not args.overwrite:
+        problems.append(f"--output-dir {args.output_dir} is not empty: pass --resume to continue its run, --overwrite "
+                        "to start afresh (deleting it), or choose another directory")
+    if problems:
+        raise ValueError("invalid arguments:\n  " + "\n  ".join(problems))
+
+
+def load_splits(name: str, config: str | None, train_split: str, test_split: str | None):
+    """(train, test or None): splits of a hub dataset, or local .json/.jsonl/.csv/.parquet files where `{split}` in
+    the name is replaced by the split (a file name without it is the training data only: no test)."""
+    extension = os.path.splitext(name)[1]
+    if extension not in (".json", ".jsonl", ".csv", ".parquet"):
+        test = load_dataset(name, config, split=test_split) if test_split else None
+        return load_dataset(name, config, split=train_split), test
+
+    def load_file(split):
+        path = name.replace("{split}", split)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"no dataset file {path} (--dataset-name {name}, split {split})")
+        if extension in (".json", ".jsonl"):
+            return Dataset.from_list(read_json_records(path))
+        return load_dataset(extension[1:], data_files=path, split="train")
+
+    return load_file(train_split), (load_file(test_split) if test_split and "{split}" in name else None)
+
+
+def read_json_records(path: str) -> list[dict]:
+    """The rows of a JSON file (a list of objects) or a JSON Lines one (an object per line), with an error naming
+    the file and line of invalid JSON."""
+    with open(path, encoding="utf-8") as file:
+        text = file.read()
+    documents = [(1, text)] if text.lstrip().startswith("[") else enumerate(text.splitlines(), 1)
+    records = []
+    for first_line, document in documents:
+        try:
+            value = json.loads(document) if document.strip() else []
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path}, line {first_line + error.lineno - 1}: invalid JSON ({error.msg})") from None
+        records += value if isinstance(value, list) else [value]
+    if not all(isinstance(record, dict) for record in records):
+        raise ValueError(f"{path}: expected one JSON object per row")
+    return records
+
+
+def is_conversational(value) -> bool:
+    """TRL's conversational format: a list of {"role": ..., "content": ...} messages."""
+    return isinstance(value, list) and len(value) > 0 and isinstance(value[0], dict) and "role" in value[0]
+
+
+def text_columns(example: dict, columns: list[str]) -> list:
+    """The values of a row's text columns, checked: all strings, or all lists of messages."""
+    values = [example[column] for column in columns]
+    for column, value in zip(columns, values):
+        if not isinstance(value, str) and not is_conversational(value):
+            raise ValueError(f"column {column!r} holds {value!r:.80} ({type(value).__name__}): expected a string or a "
+                             'list of {"role": ..., "content": ...} messages; fix or drop the row')
+    if len({isinstance(value, str) for value in values}) > 1:
+        raise ValueError(f"the columns {columns} mix strings and lists of messages: use one format")
+    return values
+
+
+def apply_chat_template(tokenizer, prompt: list, completions: list[list]) -> tuple[str, list[str]]:
+    """Render a conversational prompt with the generation prompt, and each completion as the rendered
+    prompt + completion conversation minus the rendered prompt."""
+    if tokenizer.chat_template is None:
+        raise ValueError("the dataset is conversational (lists of messages) but the tokenizer has no chat "
+                         "template: set tokenizer.chat_template, or use a dataset of plain strings")
+    prompt_text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+    texts = []
+    for completion in completions:
+        text = tokenizer.apply_chat_template(prompt + completion, tokenize=False)
+        if not text.startswith(prompt_text):
+            raise ValueError(f"the chat template does not render the prompt {prompt_text!r} as a prefix of "
+                             f"prompt + completion {text!r}, so the completion cannot be cut out")
+        texts.append(text[len(prompt_text) :])
+    return prompt_text, texts
+
+
+def tokenize_prompt(tokenizer, text: str) -> list[int]:
+    """Prompt token ids, starting with BOS (once) when the tokenizer has one."""
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    if tokenizer.bos_token_id is not None and ids[:1] != [tokenizer.bos_token_id]:
+        ids = [tokenizer.bos_token_id] + ids
+    if not ids:
+        raise ValueError("the prompt is empty and the tokenizer has no BOS: nothing to predict the completion from")
+    return ids
+
+
+def truncate(prompt_ids: list[int], completions_ids: list[list[int]], bos_token_id: int | None, args: Args):
+    """Cut the prompt to --max-prompt-length tokens (keep_end keeps its end and its leading BOS, keep_start its
+    start), then each completion at its end to fit --max-length. Raises if not even one completion token fits."""
+    if len(prompt_ids) > args.max_prompt_length and args.truncation_mode == "keep_start":
+        prompt_ids = prompt_ids[: args.max_prompt_length]
+    elif len(prompt_ids) > args.max_prompt_length:
+        bos = prompt_ids[:1] if bos_token_id is not None and prompt_ids[:1] == [bos_token_id] else []
+        prompt_ids = bos + prompt_ids[len(prompt_ids) - args.max_prompt_length + len(bos) :]
+    room = args.max_length - len(prompt_ids)
+    if room < 1:
+        raise ValueError(f"the prompt takes {len(prompt_ids)} tokens, which leaves no room for the completion "
+                         f"within --max-length {args.max_length}: lower --max-prompt-length or raise --max-length")
+    return prompt_ids, [ids[:room] for ids in completions_ids]
+
+
+def prepare_dataset(dataset: Dataset, tokenizer, vocab_size: int, args: Args, name="the dataset") -> list[dict]:
+    """Check a dataset and tokenize it into a list of `tokenize_row` rows (each with an `unknown` flag too)."""
+    missing = [column for column in COLUMNS if column not in dataset.column_names]
+    if missing == ["prompt"] and len(dataset) > 0 and is_conversational(dataset[0].get("chosen")):
+        missing = []  # implicit prompt, see extract_prompt
+    if missing:
+        raise ValueError(f"{name} lacks the column(s) {missing}: it has {dataset.column_names}, and "
+                         f"{os.path.basename(__file__)} needs {COLUMNS} (TRL's formats): rename the columns")
+    if len(dataset) == 0:
+        raise ValueError(f"{name} has no rows: check --dataset-name and the split")
+    rows = []
+    for i, example in enumerate(dataset):
+        try:
+            row = tokenize_row(example, tokenizer, args)
+        except ValueError as error:
+            raise ValueError(f"{name}, row {i}: {error}") from error
+        ids = [token for key, value in row.items() if key.endswith("_ids") for token in value]
+        ids = [token for value in ids for token in (value if isinstance(value, list) else [value])]
+        if max(ids) >= vocab_size:
+            raise ValueError(f"{name}, row {i}: token id {max(ids)} is outside the model's vocabulary of "
+                             f"{vocab_size}: the tokenizer does not belong to the model")
+        rows.append({**row, "unknown": tokenizer.unk_token_id in ids})
+    return rows
+
+
+def forward_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, fused_linear: bool = False):
+    """(logits, aux_loss): the (N, T, V) logits, or with fused_linear the last hidden states (N, T, H) and what
+    kernels.linear_logprobs needs to project them chunk by chunk (lm_head's weight and bias, the config's logit_scale
+    and final_logit_softcapping), both from the model's own forward (so that DDP syncs and FSDP gathers); aux_loss is
+    the router's load-balancing loss x router_aux_loss_coef when the config asks for it (output_router_logits,
+    mixture-of-experts models), else 0."""
+    no_logits = {"output_hidden_states": True, "logits_to_keep": torch.empty(0, dtype=torch.long, device=input_ids.device)}
+    output = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **(no_logits if fused_linear else {}))
+    unwrapped = model.module if isinstance(model, DDP) else model
+    config, head = unwrapped.config, unwrapped.get_output_embeddings()
+    aux_loss = config.router_aux_loss_coef * output.aux_loss if getattr(output, "aux_loss", None) is not None else 0.0
+    if not fused_linear:
+        return output.logits, aux_loss
+    return (output.hidden_states[-1], {"weight": head.weight, "bias": getattr(head, "bias", None), "scale": getattr(
+        config, "logit_scale", None), "softcap": getattr(config, "final_logit_softcapping", None)}), aux_loss
+
+
+def shifted_logprobs(logits, labels: torch.Tensor) -> torch.Tensor:
+    """(N, T-1) float32 log π(y_t | x, y_<t) of each label: the logits at position t predict token t + 1.
+    `logits` as `forward_logits` returns them: a tensor, or (hidden, head) for kernels.linear_logprobs."""
+    if isinstance(logits, tuple):
+        hidden, head = logits
+        return linear_logprobs(hidden[:, :-1], head["weight"], labels[:, 1:], bias=head["bias"], scale=head["scale"],
+                               softcap=head["softcap"])
+    return logprobs(logits[:, :-1], labels[:, 1:])
+
+
+def batch_logps(logits, labels: torch.Tensor) -> torch.Tensor:
+    """(N,) float32 sums of log π(y_t | x, y_<t) over the completion tokens. The logits at position t
+    predict token t + 1, hence the shift; labels are -100 on prompt and padding, which count 0."""
+    return shifted_logprobs(logits, labels).sum(-1)
+
+
+def global_batches(num_rows: int, global_batch_size: int, seed: int):
+    """Endless row indices of global batches: a seeded permutation per epoch, its last partial batch dropped."""
+    for epoch in itertools.count():
+        order = torch.randperm(num_rows, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
+        for start in range(0, num_rows - global_batch_size + 1, global_batch_size):
+            yield order[start : start + global_batch_size]
+
+
+def mean_over_ranks(sums: dict[str, torch.Tensor], count: torch.Tensor) -> dict[str, float]:
+    """Metric sums divided by the number of rows, both summed over all processes."""
+    keys = sorted(sums)
+    totals = torch.stack([sums[key] for key in keys] + [count]).float()
+    if dist.is_initialized():
+        dist.all_reduce(totals)
+    return {key: (totals[i] / totals[-1]).item() for i, key in enumerate(keys)}
+
+
+def load_model(args: Args, dtype: torch.dtype, device):
+    """from_pretrained onto the device; with --disable-dropout every dropout set to 0 (a torch.nn.Dropout's p, an
+    attention's float dropout rate), so that the policy trains (and samples) as the reference runs."""
+    model = AutoModelForCausalLM.from_pretrained(args.model_name_or_path, dtype=dtype).to(device)
+    for module in model.modules() if args.disable_dropout else []:
+        for name, value in list(vars(module).items()):
+            if isinstance(value, float) and ("dropout" in name or (name == "p" and isinstance(module, torch.nn.Dropout))):
+                setattr(module, name, 0.0)
+    return model
 
 
 class AdaptersDisabled:
@@ -679,19 +675,18 @@ def lora_target_modules(names: tuple[str, ...]) -> str | list[str]:
 
 @torch.no_grad()
 def check_fused_linear(model, device) -> None:
-    """--fused-linear computes the logits as hidden @ lm_head.weight.T: raise unless the model's own forward does
-    just that (no bias, no adapter on lm_head, no logit scaling or soft-capping), checked on a few tokens."""
-    head = model.get_output_embeddings()
-    input_ids = torch.arange(8, device=device)[None] % head.weight.shape[0]
-    attention_mask = torch.ones_like(input_ids)
-    logits = forward_logits(model, input_ids, attention_mask)
-    hidden, weight = forward_logits(model, input_ids, attention_mask, fused_linear=True)
-    plain = type(head) is torch.nn.Linear and head.bias is None
-    if not plain or getattr(model.config, "final_logit_softcapping", None) or not torch.allclose(
-        hidden @ weight.T, logits, rtol=1e-3, atol=1e-4
-    ):
-        raise ValueError(f"--fused-linear: the logits of {type(model).__name__} are not its last hidden states "
-                         "times lm_head.weight (a bias, an adapter on lm_head, logit scaling or soft-capping)")
+    """Raise unless --fused-linear's log-probs (see forward_logits) equal those of the model's own logits, on a few
+    tokens in eval mode (dropout would differ between the two passes)."""
+    input_ids = torch.arange(8, device=device)[None] % model.get_output_embeddings().weight.shape[0]
+    training = model.training
+    model.eval()
+    full, fused = (shifted_logprobs(forward_logits(model, input_ids, torch.ones_like(input_ids), fused_linear)[0],
+                                    input_ids) for fused_linear in (False, True))
+    model.train(training)
+    if not torch.allclose(fused, full, rtol=1e-4, atol=1e-4):
+        raise ValueError(f"--fused-linear: the logits of {type(model).__name__} are not what its last hidden states, "
+                         "lm_head (weight, bias), logit_scale and final_logit_softcapping give (an adapter on lm_head, "
+                         "another transform): run without --fused-linear")
 
 
 def shard(model) -> None:
@@ -715,8 +710,64 @@ def check_fsdp_shares(num_rows: int, world_size: int, batch_size: int, name: str
                          "forward passes on each: pick another batch size")
 
 
+def note_signal(signum: int, frame) -> None:
+    """SIGTERM (a preempted job) or Ctrl-C: noted, so that the run checkpoints after its step and exits; a second
+    one acts as usual."""
+    SIGNALS.append(signum)
+    signal.signal(signum, signal.SIG_DFL)
+
+
+def latest_checkpoint(output_dir: str) -> str | None:
+    """The newest complete checkpoint-<step> in output_dir (one being written is named checkpoint-<step>.tmp)."""
+    names = os.listdir(output_dir) if os.path.isdir(output_dir) else []
+    steps = [int(name.split("-")[1]) for name in names if re.fullmatch(r"checkpoint-\d+", name)]
+    return os.path.join(output_dir, f"checkpoint-{max(steps)}") if steps else None
+
+
+def save_checkpoint(output_dir: str, step: int, policy, optimizer, scheduler, state: dict, args: Args) -> None:
+    """checkpoint-<step>/: the trainable weights and AdamW state through torch.distributed.checkpoint (one shard per
+    process under FSDP), and each process's RNG states, scheduler and `state`. Written as checkpoint-<step>.tmp and
+    renamed when complete; only the newest --save-total-limit are kept."""
+    rank, world_size = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    path = os.path.join(output_dir, f"checkpoint-{step}")
+    model_state, optimizer_state = get_state_dict(policy, optimizer, options=StateDictOptions(ignore_frozen_params=True))
+    dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=path + ".tmp")
+    rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+           "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+    torch.save({**state, "rng": rng, "scheduler": scheduler.state_dict()}, os.path.join(path + ".tmp", f"rank{rank}.pt"))
+    if dist.is_initialized():
+        dist.barrier()
+    if rank == 0:
+        with open(os.path.join(path + ".tmp", "checkpoint.json"), "w") as file:
+            json.dump({"step": step, "world_size": world_size, "args": asdict(args)}, file, indent=1)
+        shutil.rmtree(path, ignore_errors=True)
+        os.rename(path + ".tmp", path)
+        steps = sorted(int(name.split("-")[1]) for name in os.listdir(output_dir) if re.fullmatch(r"checkpoint-\d+", name))
+        for old in steps[: -args.save_total_limit]:
+            shutil.rmtree(os.path.join(output_dir, f"checkpoint-{old}"))
+
+
+def load_checkpoint(path: str, policy, optimizer, scheduler, device) -> dict:
+    """Restore what save_checkpoint wrote into the policy, optimizer, scheduler and RNGs; return its `state`."""
+    model_state, optimizer_state = get_state_dict(policy, optimizer, options=StateDictOptions(ignore_frozen_params=True))
+    dcp.load({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=path)  # raises if a key is missing
+    set_state_dict(policy, optimizer, model_state_dict=model_state, optim_state_dict=optimizer_state,
+                   options=StateDictOptions(ignore_frozen_params=True, strict=False))  # the frozen weights are not in it
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    state = torch.load(os.path.join(path, f"rank{rank}.pt"), map_location=device, weights_only=False)
+    scheduler.load_state_dict(state.pop("scheduler"))
+    rng = state.pop("rng")
+    random.setstate(rng["python"])
+    np.random.set_state(rng["numpy"])
+    torch.set_rng_state(rng["torch"])
+    if rng["cuda"]:
+        torch.cuda.set_rng_state_all(rng["cuda"])
+    return state
+
+
 if __name__ == "__main__":
     args = tyro.cli(Args)
+    check_args(args)
     start_time = time.time()
     datasets.disable_progress_bars()
     transformers.logging.disable_progress_bar()
@@ -728,9 +779,6 @@ if __name__ == "__main__":
     device = torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
     if use_cuda:
         torch.cuda.set_device(device)
-    if args.fsdp and "RANK" not in os.environ:
-        raise ValueError("--fsdp shards over the processes torchrun starts: launch with torchrun "
-                         "(--nproc_per_node 1 for one process)")
     if world_size > 1 or args.fsdp:
         dist.init_process_group("nccl" if use_cuda else "gloo")
     is_main = rank == 0
@@ -746,31 +794,43 @@ if __name__ == "__main__":
         torch.use_deterministic_algorithms(True, warn_only=True)
         torch.backends.cudnn.deterministic = True
 
-    # run name and logging: only rank 0 writes
+    # run name: the random suffix keeps two runs started in the same second apart; rank 0's is everyone's
     dataset_stem = os.path.splitext(os.path.basename(args.dataset_name))[0].replace("{split}", "").strip("_-.")
-    run_name = f"{dataset_stem}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    names = [f"{dataset_stem}__{args.exp_name}__{args.seed}__{int(time.time())}_{secrets.token_hex(2)}"]
+    if dist.is_initialized():
+        dist.broadcast_object_list(names)
+    run_name = names[0]
     output_dir = args.output_dir or os.path.join("runs", run_name)
-    if is_main:
-        if args.track:
-            import wandb
 
-            wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True,
-                       config=asdict(args), name=run_name, save_code=True)
-        os.makedirs(output_dir, exist_ok=True)
-        writer = SummaryWriter(output_dir)
-        table = "\n".join(f"|{key}|{value}|" for key, value in asdict(args).items())
-        writer.add_text("hyperparameters", f"|param|value|\n|-|-|\n{table}")
-        metrics_file = open(os.path.join(output_dir, "metrics.jsonl"), "w")
-        completions_file = open(os.path.join(output_dir, "completions.jsonl"), "w")
-
-    # model and tokenizer: the policy trains; the reference is a frozen copy in eval mode (with --lora: the
-    # policy's own base model, adapters disabled); so is the judge; --fsdp shards the policy and the reference
-    # (not the judge), DDP replicates the policy otherwise
+    # data, tokenized and checked before the models load
     tokenizer = AutoTokenizer.from_pretrained(args.model_name_or_path)
+    check_tokenizer(tokenizer)
     pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    check_args(args, tokenizer)
+    config = AutoConfig.from_pretrained(args.model_name_or_path)
+    positions = getattr(config, "max_position_embeddings", None)
+    if positions is not None and args.max_length > positions:
+        if is_main:
+            print(f"note: --max-length {args.max_length} is beyond the model's {positions} positions: using {positions}")
+        args.max_length = positions
+    train_data, test_data = load_splits(
+        args.dataset_name, args.dataset_config, args.dataset_train_split, args.dataset_test_split
+    )
+    train_rows = prepare_dataset(train_data, tokenizer, config.vocab_size, args, "the train split")
+    eval_rows = prepare_dataset(test_data, tokenizer, config.vocab_size, args, "the test split") if test_data else []
+    for flag, what in (("truncated", "were truncated to --max-prompt-length / --max-length"),
+                       ("unknown", "hold text the tokenizer maps to its unknown token")):
+        count = sum(row.get(flag, False) for row in train_rows + eval_rows)
+        if count and is_main:
+            print(f"warning: {count} of {len(train_rows) + len(eval_rows)} rows {what}")
+    for i, row in itertools.chain(enumerate(train_rows), enumerate(eval_rows)):
+        row["index"] = i  # which seeds its samples' noise (row_generators)
+    if args.fsdp:
+        check_fsdp_shares(len(eval_rows), world_size, args.per_device_eval_batch_size, "the test split")
+
+    # models: the policy trains; the reference is a frozen copy in eval mode (with --lora: the policy's own base
+    # model, adapters disabled); so is the judge; --fsdp shards both (not the judge), DDP replicates the policy otherwise
     dtype = getattr(torch, args.dtype)
-    policy = AutoModelForCausalLM.from_pretrained(args.model_name_or_path, dtype=dtype).to(device)
+    policy = load_model(args, dtype, device)
     policy.train()
     if args.gradient_checkpointing:
         policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -783,7 +843,7 @@ if __name__ == "__main__":
         ))
         ref_model = AdaptersDisabled(policy)
     else:
-        ref_model = AutoModelForCausalLM.from_pretrained(args.model_name_or_path, dtype=dtype).to(device)
+        ref_model = load_model(args, dtype, device)
         ref_model.eval().requires_grad_(False)
     if args.fused_linear:
         check_fused_linear(policy, device)
@@ -795,38 +855,53 @@ if __name__ == "__main__":
     model = DDP(policy, device_ids=[local_rank] if use_cuda else None) if world_size > 1 and not args.fsdp else policy
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16)
 
-    # data
-    vocab_size = policy.get_input_embeddings().num_embeddings
-    train_data, test_data = load_splits(
-        args.dataset_name, args.dataset_config, args.dataset_train_split, args.dataset_test_split
-    )
-    train_rows = prepare_dataset(train_data, tokenizer, vocab_size, args, "the train split")
-    eval_rows = prepare_dataset(test_data, tokenizer, vocab_size, args, "the test split") if test_data else []
-    truncated = sum(row["truncated"] for row in train_rows + eval_rows)
-    if truncated and is_main:
-        print(f"warning: {truncated} examples truncated to --max-prompt-length / --max-length")
-    if args.fsdp:
-        check_fsdp_shares(len(eval_rows), world_size, args.per_device_eval_batch_size, "the test split")
-
     # optimiser and schedule
     micro_batch_size, accumulation = args.per_device_train_batch_size, args.gradient_accumulation_steps
     global_batch_size = micro_batch_size * world_size * accumulation
     steps_per_epoch = len(train_rows) // global_batch_size
     if steps_per_epoch == 0:
-        raise ValueError(f"the train split has {len(train_rows)} prompts, less than a global batch "
-                         f"({global_batch_size})")
+        raise ValueError(f"the train split has {len(train_rows)} rows, less than a global batch ({global_batch_size})")
     total_steps = args.max_steps if args.max_steps is not None else args.num_train_epochs * steps_per_epoch
     optimizer = torch.optim.AdamW(policy.parameters(), lr=args.learning_rate, weight_decay=0.0)
     scheduler = get_scheduler(args.lr_scheduler_type, optimizer, round(args.warmup_ratio * total_steps), total_steps)
+
+    # output directory: written only now that model and data have loaded; --resume restores the newest checkpoint
+    state = {"step": 0, "sums": {}, "count": torch.zeros((), device=device), "train_metrics": {}, "eval_metrics": {}}
+    if args.resume:
+        state = load_checkpoint(latest_checkpoint(output_dir), policy, optimizer, scheduler, device)
     if is_main:
-        print(f"{run_name}: {len(train_rows)} train and {len(eval_rows)} test prompts; {total_steps} steps of "
-              f"{global_batch_size} prompts ({world_size} processes x {micro_batch_size} x {accumulation}) on {device}")
+        if args.overwrite:
+            shutil.rmtree(output_dir, ignore_errors=True)
+        os.makedirs(output_dir, exist_ok=True)
+        if args.track:
+            import wandb
+
+            wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True,
+                       config=asdict(args), name=run_name, save_code=True)
+        writer = SummaryWriter(output_dir, purge_step=state["step"] + 1 if args.resume else None)
+        table = "\n".join(f"|{key}|{value}|" for key, value in asdict(args).items())
+        writer.add_text("hyperparameters", f"|param|value|\n|-|-|\n{table}")
+        metrics_path = os.path.join(output_dir, "metrics.jsonl")
+        kept = [line for line in open(metrics_path) if json.loads(line)["step"] <= state["step"]] if args.resume else []
+        metrics_file = open(metrics_path, "w")
+        metrics_file.writelines(kept)
+        completions_path = os.path.join(output_dir, "completions.jsonl")
+        kept = [line for line in open(completions_path) if json.loads(line)["step"] <= state["step"]] if (
+            args.resume and os.path.exists(completions_path)) else []
+        completions_file = open(completions_path, "w")
+        completions_file.writelines(kept)
+        print(f"{run_name}: {len(train_rows)} train and {len(eval_rows)} test rows; {total_steps} steps of "
+              f"{global_batch_size} rows ({world_size} processes x {micro_batch_size} x {accumulation}) on {device}; "
+              + (f"resuming after step {state['step']}" if args.resume else f"writing to {output_dir}"))
+    if dist.is_initialized():
+        dist.barrier()
 
     # training: each step takes one global batch; micro-batch m of process r is its slice m * world_size + r
-    batches = global_batches(len(train_rows), global_batch_size, args.seed)
-    sums, count = {}, torch.zeros((), device=device)
-    train_metrics, eval_metrics = {}, {}
-    progress = tqdm(range(1, total_steps + 1), disable=not is_main, dynamic_ncols=True)
+    batches = itertools.islice(global_batches(len(train_rows), global_batch_size, args.seed), state["step"], None)
+    sums, count, train_metrics, eval_metrics = state["sums"], state["count"], state["train_metrics"], state["eval_metrics"]
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, note_signal)
+    progress = tqdm(range(state["step"] + 1, total_steps + 1), disable=not is_main, dynamic_ncols=True)
     for step in progress:
         indices = next(batches)
         for micro_step in range(accumulation):
@@ -862,8 +937,7 @@ if __name__ == "__main__":
                 completions_file.flush()
                 writer.add_text("completions", "\n\n".join(f"`{json.dumps(sample)}`" for sample in samples), step)
         if eval_rows and ((args.eval_steps > 0 and step % args.eval_steps == 0) or step == total_steps):
-            eval_metrics = evaluate(policy, ref_model, judge, tokenizer, eval_rows, args, pad_token_id, device,
-                                    autocast)
+            eval_metrics = evaluate(policy, ref_model, judge, tokenizer, eval_rows, args, pad_token_id, device, autocast)
             logs.update(eval_metrics)
             if is_main:
                 progress.write(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in eval_metrics.items()))
@@ -872,6 +946,19 @@ if __name__ == "__main__":
                 writer.add_scalar(key, value, step)
             metrics_file.write(json.dumps({"step": step, **logs}) + "\n")
             metrics_file.flush()
+        stop = torch.tensor(float(len(SIGNALS)), device=device)
+        if dist.is_initialized():
+            dist.all_reduce(stop, op=dist.ReduceOp.MAX)  # every process stops after the same step
+        if stop or (args.save_steps > 0 and step % args.save_steps == 0):
+            state = {"step": step, "sums": sums, "count": count, "train_metrics": train_metrics, "eval_metrics": eval_metrics}
+            save_checkpoint(output_dir, step, policy, optimizer, scheduler, state, args)
+        if stop:
+            if is_main:
+                print(f"stopped by a signal after step {step} of {total_steps}, checkpoint saved: continue with "
+                      f"--resume --output-dir {output_dir}")
+            if dist.is_initialized():
+                dist.destroy_process_group()
+            sys.exit(128 + (SIGNALS or [signal.SIGTERM])[0])
 
     # save and summarise; under FSDP every process takes part in gathering the full state dict onto rank 0
     state_dict = None
@@ -889,8 +976,6 @@ if __name__ == "__main__":
                         f", eval/loss/kl {eval_metrics['eval/loss/kl']:.3f}")
         print(f"{run_name} done in {time.time() - start_time:.0f}s: {summary}; policy saved to {output_dir}")
         if args.lora:
-            print(f"{output_dir} holds the LoRA adapter, not the full model: with peft installed, "
-                  f"AutoModelForCausalLM.from_pretrained({output_dir!r}) loads the base model and the adapter; "
-                  "peft.AutoPeftModelForCausalLM too, and its merge_and_unload() gives a plain model")
+            print(f"{output_dir} holds the LoRA adapter: with peft installed, from_pretrained loads base and adapter")
     if dist.is_initialized():
         dist.destroy_process_group()
