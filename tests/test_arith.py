@@ -207,3 +207,37 @@ def test_preference_model_loads_and_mostly_agrees_with_the_verifier():
         backward = preference_logits(model, tokenizer, prompts, rejected, chosen)
     assert forward.shape == (len(pairs),)
     assert ((forward > 0).float().mean() + (backward < 0).float().mean()) / 2 > 0.7  # 0.79 on these 64 (0.78 on all 167)
+
+
+def test_mean_and_stderr_by_hand():
+    from benchmarks.arith.evaluate import mean_and_stderr
+
+    assert mean_and_stderr([1.0, 0.0, 1.0, 0.0]) == (0.5, pytest.approx((1 / 3 / 4) ** 0.5))  # var 1/3, n 4
+    assert mean_and_stderr([0.25]) == (0.25, 0.0)
+
+
+def test_ranking_accuracy_against_one_sequence_at_a_time(tmp_path):
+    """Batched, padded log-probs in evaluate.py against a plain per-sequence sum (no padding), on the base model."""
+    from benchmarks.arith.evaluate import ranking_accuracy
+
+    pairs = read("pairs_test")[:6] + [{"prompt": PROMPT, "chosen": RIGHT, "rejected": RIGHT}]  # a tie counts as wrong
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("".join(json.dumps(p) + "\n" for p in pairs))
+    tokenizer = AutoTokenizer.from_pretrained(ARITH / "model")
+    model = AutoModelForCausalLM.from_pretrained(ARITH / "model").eval()
+
+    def logps(prompt, completion):
+        prompt_ids = [tokenizer.bos_token_id] + tokenizer(prompt, add_special_tokens=False).input_ids
+        ids = prompt_ids + tokenizer(completion, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
+        with torch.no_grad():
+            logp = model(torch.tensor([ids])).logits[0, :-1].double().log_softmax(-1)
+        token_logps = [logp[t - 1, ids[t]].item() for t in range(len(prompt_ids), len(ids))]
+        return sum(token_logps), sum(token_logps) / len(token_logps)
+
+    scores = [(logps(p["prompt"], p["chosen"]), logps(p["prompt"], p["rejected"])) for p in pairs]
+    summed = sum(c[0] > r[0] for c, r in scores) / len(pairs)
+    averaged = sum(c[1] > r[1] for c, r in scores) / len(pairs)
+    result = ranking_accuracy(model, tokenizer, str(path), batch_size=4)
+    assert result["ranking_accuracy"] == pytest.approx(summed) and result["n_pairs"] == 7
+    assert result["ranking_accuracy_length_normalised"] == pytest.approx(averaged)
+    assert 0 < result["ranking_accuracy_stderr"] < 0.5

@@ -9,6 +9,16 @@ KL(policy || base): for completions y sampled from the policy, the mean of
 sum_t [log pi(y_t | x, y_<t) - log base(y_t | x, y_<t)] over the completion tokens including EOS.
 Sampling masks the special tokens other than EOS (which a trained policy all but never samples).
 The base model's tokenizer is used for every policy (they share its vocabulary).
+
+Standard errors (`*_stderr`) are over prompts: the k samples of a prompt are not independent (one hard prompt
+fails all of them), so each sampled metric and the KL are first averaged per prompt, and the standard error is
+that of the mean of the n per-prompt values (the cluster-robust one for equal cluster sizes).
+
+Ranking accuracy on the held-out preference pairs (benchmarks/arith/data/pairs_test.jsonl), as in Chen et al.
+2024, "Preference Learning Algorithms Do Not Learn Preference Rankings" (arXiv:2405.19534): the fraction of pairs
+with log π(chosen) > log π(rejected), summed over the completion tokens (the prompt tokenized with BOS, each
+completion with EOS, as the training scripts do), and the same with log-probs averaged over the completion's tokens
+(the reference-free, length-normalised form of SimPO). Ties count as wrong.
 Writes RUN_DIR/eval.json for each policy, or all results to one file with --out.
 """
 
@@ -67,8 +77,52 @@ def completion_logprobs(model, gen: Generation) -> torch.Tensor:
     return (logp * gen.mask[:, gen.prompt_len:]).sum(1)
 
 
+def mean_and_stderr(values: list[float]) -> tuple[float, float]:
+    """The mean of independent values and its standard error, std / sqrt(n) (0 for a single value)."""
+    n = len(values)
+    mean = sum(values) / n
+    variance = sum((v - mean) ** 2 for v in values) / (n - 1) if n > 1 else 0.0
+    return mean, (variance / n) ** 0.5
+
+
+@torch.no_grad()
+def ranking_accuracy(model, tokenizer, pairs_file: str, batch_size: int = 256) -> dict:
+    """Fraction of held-out pairs the policy ranks right: summed and per-token-averaged completion log-probs."""
+    pairs = [json.loads(line) for line in open(pairs_file)]
+    sums, means = [], []
+    for key in ("chosen", "rejected"):
+        sequences, starts = [], []
+        for pair in pairs:
+            prompt = [tokenizer.bos_token_id] + tokenizer(pair["prompt"], add_special_tokens=False).input_ids
+            completion = tokenizer(pair[key], add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
+            sequences.append(prompt + completion)
+            starts.append(len(prompt))
+        side_sums, side_means = [], []
+        for i in range(0, len(sequences), batch_size):
+            batch, first = sequences[i:i + batch_size], starts[i:i + batch_size]
+            width = max(map(len, batch))
+            ids = torch.tensor([s + [tokenizer.pad_token_id] * (width - len(s)) for s in batch])
+            mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in batch])
+            logp = model(input_ids=ids, attention_mask=mask).logits.float()[:, :-1].log_softmax(-1)
+            logp = logp.gather(-1, ids[:, 1:, None])[..., 0]
+            positions = torch.arange(1, width)[None]
+            completion = (positions >= torch.tensor(first)[:, None]) & (mask[:, 1:] == 1)
+            total = (logp * completion).sum(1)
+            side_sums += total.tolist()
+            side_means += (total / completion.sum(1)).tolist()
+        sums.append(side_sums)
+        means.append(side_means)
+    summed = [float(c > r) for c, r in zip(*sums)]
+    averaged = [float(c > r) for c, r in zip(*means)]
+    (summed_accuracy, summed_stderr), (averaged_accuracy, averaged_stderr) = map(mean_and_stderr, (summed, averaged))
+    return {"ranking_accuracy": summed_accuracy, "ranking_accuracy_stderr": summed_stderr,
+            "ranking_accuracy_length_normalised": averaged_accuracy,
+            "ranking_accuracy_length_normalised_stderr": averaged_stderr, "n_pairs": len(pairs)}
+
+
 def evaluate_policy(model_dir: str, base_dir: str = str(HERE / "model"), eval_file: str = str(HERE / "data" / "eval.jsonl"),
-                    k: int = 8, batch_size: int = 512, seed: int = 0) -> dict:
+                    k: int = 8, batch_size: int = 512, seed: int = 0,
+                    pairs_file: str = str(HERE / "data" / "pairs_test.jsonl")) -> dict:
     """Held-out metrics of one saved policy (see the module docstring)."""
     torch.manual_seed(seed)
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
@@ -84,18 +138,25 @@ def evaluate_policy(model_dir: str, base_dir: str = str(HERE / "model"), eval_fi
         sampled += [task.grade(p, c) for p, c in zip(sampled_prompts[i:i + batch_size], gen.texts)]
         lengths += [len(tokenizer(t, add_special_tokens=False).input_ids) for t in gen.texts]
         kls.append(completion_logprobs(policy, gen) - completion_logprobs(base, gen))
-    kl = torch.cat(kls)
-    return {
-        "greedy_accuracy": sum(g.answer_correct for g in greedy) / len(greedy),
-        "sampled_accuracy": sum(g.answer_correct for g in sampled) / len(sampled),
-        "sampled_step_accuracy": sum(g.correct_steps / g.total_steps for g in sampled) / len(sampled),
-        "greedy_step_accuracy": sum(g.correct_steps / g.total_steps for g in greedy) / len(greedy),
-        "mean_length": sum(lengths) / len(lengths),
-        "kl": kl.mean().item(),
-        "kl_stderr": (kl.std() / len(kl) ** 0.5).item(),
-        "n_prompts": len(prompts),
-        "k": k,
+    kl = torch.cat(kls).tolist()
+
+    def per_prompt(values: list[float]) -> list[float]:
+        """The mean over each prompt's k samples (sampled_prompts repeats each prompt k times in a row)."""
+        return [sum(values[i:i + k]) / k for i in range(0, len(values), k)]
+
+    metrics = {
+        "greedy_accuracy": [float(g.answer_correct) for g in greedy],
+        "sampled_accuracy": per_prompt([float(g.answer_correct) for g in sampled]),
+        "sampled_step_accuracy": per_prompt([g.correct_steps / g.total_steps for g in sampled]),
+        "greedy_step_accuracy": [g.correct_steps / g.total_steps for g in greedy],
+        "mean_length": per_prompt([float(n) for n in lengths]),
+        "kl": per_prompt(kl),
     }
+    results = {}
+    for name, values in metrics.items():
+        results[name], results[f"{name}_stderr"] = mean_and_stderr(values)
+    results.update(ranking_accuracy(policy, tokenizer, pairs_file) if pairs_file else {})
+    return {**results, "n_prompts": len(prompts), "k": k}
 
 
 @dataclass
@@ -114,23 +175,27 @@ class Args:
     """seed of the sampling"""
     threads: int = 1
     """torch CPU threads (the figures depend on it through rounding)"""
+    pairs_file: str = str(HERE / "data" / "pairs_test.jsonl")
+    """held-out preference pairs for the ranking accuracy (prompt, chosen, rejected)"""
     out: str | None = None
     """one JSON file for all results; default: RUN_DIR/eval.json for each policy"""
 
 
-COLUMNS = ["greedy_accuracy", "sampled_accuracy", "sampled_step_accuracy", "mean_length", "kl"]
+COLUMNS = ["greedy_accuracy", "sampled_accuracy", "sampled_step_accuracy", "mean_length", "kl", "ranking_accuracy",
+           "ranking_accuracy_length_normalised"]
 
 if __name__ == "__main__":
     args = tyro.cli(Args)
     torch.set_num_threads(args.threads)
     results = {}
     for run_dir in args.run_dirs:
-        results[run_dir] = evaluate_policy(run_dir, args.base, args.eval_file, args.k, args.batch_size, args.seed)
+        results[run_dir] = evaluate_policy(run_dir, args.base, args.eval_file, args.k, args.batch_size, args.seed,
+                                           args.pairs_file)
         if args.out is None:
             Path(run_dir, "eval.json").write_text(json.dumps(results[run_dir], indent=2) + "\n")
     if args.out is not None:
         Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
     width = max(len(r) for r in results)
-    print(f"{'run':<{width}}  " + "  ".join(f"{c:>21}" for c in COLUMNS))
+    print(f"{'run':<{width}}  " + "  ".join(f"{c:>32}" for c in COLUMNS) + "   (mean ± standard error)")
     for run_dir, r in results.items():
-        print(f"{run_dir:<{width}}  " + "  ".join(f"{r[c]:>21.3f}" for c in COLUMNS))
+        print(f"{run_dir:<{width}}  " + "  ".join(f"{r[c]:>24.3f} ± {r[c + '_stderr']:.3f}" for c in COLUMNS))
