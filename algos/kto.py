@@ -1,107 +1,26 @@
 """Kahneman-Tversky Optimization (KTO), in one file.
 
-Paper: Ethayarajh, Xu, Muennighoff, Jurafsky, Kiela, "KTO: Model Alignment as Prospect Theoretic Optimization",
-ICML 2024, arXiv:2402.01306; official code ContextualAI/HALOs.
+Ethayarajh et al., "KTO: Model Alignment as Prospect Theoretic Optimization", ICML 2024, arXiv:2402.01306. For a
+completion y of x labelled desirable or not, r = logp(y) - ref(y) its summed completion log-ratio, and z0 the
+clamped mean log-ratio of the micro-batch's mismatched pairs (x_i, y_{i+1}), without gradient:
+    loss = λD·(1 - σ(β·(r - z0))) if desirable,    λU·(1 - σ(β·(z0 - r))) if undesirable
+Data: prompt, completion, label (TRL's unpaired format), or prompt, chosen, rejected (pairs, unpaired here).
 
-Idea. Preference pairs are scarce; a thumbs up or down on a single completion is not. KTO needs only that:
-each completion is labelled desirable or undesirable. Borrowing prospect theory, a completion's value is
-judged against a reference point, not in isolation: the implicit reward r = log π(y|x)/π_ref(y|x) of a
-desirable completion should rise above the policy's typical reward, z0 = KL(π || π_ref), and that of an
-undesirable one should fall below it. The value saturates (a logistic), so examples already far on the
-right side stop pulling, and λD, λU weigh gains against losses (and correct for class imbalance).
-
-Loss. logp(y) = Σ_t log π(y_t | x, y_<t) summed over the completion tokens (prompt and padding masked),
-ref(y) the same under the frozen reference, r = logp(y) - ref(y), and for a micro-batch of m examples:
-    z0   = max(0, (1/m)·Σ_i [logp(y_{i+1}|x_i) - ref(y_{i+1}|x_i)])     indices mod m; no gradient
-    loss = λD·(1 - σ(β·(r - z0)))      for a desirable completion
-           λU·(1 - σ(β·(z0 - r)))      for an undesirable one             averaged over the examples
-z0 is the paper's estimate of the KL term: each prompt is paired with the next example's completion, so that
-no example is matched with itself (whatever m >= 2; a micro-batch of one cannot estimate it: an error), the
-log-ratios are averaged, clamped at 0 and not backpropagated through. The loss is the paper's bounded
-λ·(1 - σ(.)), not -log σ: its gradient vanishes once r is far past z0, on either side. λ weighs each example.
-Batching: the loss of a micro-batch is the mean over its examples (as in TRL and HALOs), so a one-class micro-
-batch is fine. The mismatched sequences go through the policy in an extra forward pass without gradient (and
-through the reference together with the examples). Under torchrun the processes' micro-batches of one
-micro-step form the micro-batch of m examples: its pairs rotate across processes and every process uses the
-same z0, the mean over all m pairs (gathered), i.e. the all-reduced mean.
-
-Run (from anywhere; the defaults point at the bundled task in benchmarks/arith/):
-    python algos/kto.py                                  # 1 process, CPU or one GPU
+    python algos/kto.py                                                        # the bundled task, CPU, minutes
     torchrun --nproc_per_node 2 algos/kto.py --per-device-train-batch-size 8   # same global batch and z0
-    torchrun --nproc_per_node 2 algos/kto.py --fsdp --lora --fused-linear   # shard, adapters, no full logits
-    python benchmarks/arith/evaluate.py runs/<run_name>  # held-out accuracy of the saved policy
-    python algos/kto.py --model-name-or-path Qwen/Qwen2.5-0.5B-Instruct \\
-        --dataset-name trl-lib/kto-mix-14k --beta 0.1 --learning-rate 1e-6 \\
-        --per-device-train-batch-size 4 --gradient-accumulation-steps 8 --num-train-epochs 1 \\
-        --max-length 1024 --bf16 --gradient-checkpointing --eval-steps 500 --logging-steps 10
 
-Data: TRL's unpaired preference format, `prompt`, `completion` and a boolean `label` (true: desirable),
-as strings or lists of messages. A paired dataset (`prompt`, `chosen`, `rejected`) is unpaired: each
-pair gives its chosen completion labelled desirable and its rejected one labelled undesirable.
-
-Deviations from the paper (and its code, ContextualAI/HALOs):
-1. Optimiser: AdamW with linear warm-up then linear decay (TRL's default) instead of HALOs' AdamW at 5e-6
-   after 150 linear warm-up steps.
-2. The reference is the model we start from (`--model-name-or-path`); the bundled model is already trained
-   on the task (the paper shows KTO can also skip SFT).
-3. Tokens: prompt and completion are tokenized separately (as at generation time), the prompt gets the
-   tokenizer's BOS unless its text already starts with it (chat templates often write it), each
-   completion gets EOS unless it already ends with it. The prompt is truncated to `--max-prompt-length`
-   (`--truncation-mode`), then each completion is cut to fit `--max-length`; an example whose prompt
-   leaves no room for a completion token is an error, never silently dropped.
-4. Each epoch is a fresh seeded permutation cut into global batches; the last incomplete global batch
-   is dropped so that every step sees the same number of examples on any number of processes.
-5. Under torchrun the micro-batch that shares one z0 is made of all processes' micro-batches of a
-   micro-step: completions rotate across the processes and z0 is the mean over all of them (HALOs rotates
-   within each process and all-gathers the estimates). So `torchrun --nproc_per_node N` with B examples per
-   process computes exactly what one process does with N·B (not B with N accumulation steps: each
-   accumulated micro-batch has its own z0, as in the paper).
-6. The mismatched pair's completion is cut to fit `--max-length` after its new prompt. Two examples of the
-   same prompt that land next to each other in a micro-batch make a matched pair; with shuffled data this is
-   rare (the paper's estimate has the same property).
-7. Evaluation cuts the held-out split into consecutive groups of `--per-device-eval-batch-size` x processes
-   examples, one z0 each (a last group with fewer than max(2, processes) examples joins the one before).
-8. `--precompute-ref-logps` is refused: the mismatched pairs change with every batch, so the reference
-   model is needed throughout training (TRL fixes the pairs once to precompute them).
-9. Class imbalance: the paper's rule λD·nD / (λU·nU) in [1, 3/2] (nD, nU: desirable and undesirable
-   training examples; an earlier version of the paper said [1, 4/3]) is checked at start-up, with a warning
-   that gives the λD range that would satisfy it; the weights are never changed silently.
-
-Defaults: chosen for the bundled task by a small sweep: one process, seed 1, then
-`python benchmarks/arith/evaluate.py` (256 held-out prompts; sampled = 8 samples each at temperature 1). The
-base model: greedy accuracy 0.602, sampled 0.319. Train times with two to four runs sharing the 2-core CPU:
-    data                                flags                               greedy  sampled  KL     time
-    pairs, unpaired (3378 examples)     (defaults: β 2, lr 2e-4, 1 epoch)  0.699   0.497    0.72   83 s
-    pairs, unpaired                     --beta 1 --learning-rate 1e-4      0.711   0.465    0.73   163 s
-    unpaired (12000, 30% desirable)     --beta 0.1 --learning-rate 2e-5    0.035   0.046    48.9   479 s
-    unpaired                            --beta 0.3 --learning-rate 1e-4    0.059   0.056    37.1   498 s
-The default data are the bundled pairs, unpaired by the script: balanced (λD = λU = 1 meets the paper's rule)
-and a quarter of the size. The natural `unpaired` files (`--dataset-name
-benchmarks/arith/data/unpaired_{split}.jsonl`, where the rule asks for --desirable-weight 2.35 to 3.5) take 750
-steps per epoch, and with a small β and the classes unweighted the undesirable majority drove the policy off
-(KL above 30, accuracy near 0).
-
-Logged metrics (TRL's names; `train/` every `--logging-steps` steps, averaged over the examples seen since
-the last log and over all processes; `eval/` over the whole held-out split):
-    loss                 the KTO loss above (λ/2 per example at the start, where policy = reference)
-    kl                   z0, the clamped KL estimate of the micro-batches (averaged over their examples)
-    rewards/chosen       mean β·r over the desirable completions (left out of a log without any)
-    rewards/rejected     mean β·r over the undesirable completions (likewise)
-    rewards/margins      mean of β·(r - z0) for desirable and β·(z0 - r) for undesirable completions: how far
-                         each example is on its label's side of the reference point (not TRL's difference of
-                         the chosen and rejected means, which is rewards/chosen - rewards/rejected)
-    rewards/accuracies   fraction of examples with a positive margin (0 at the start, where r = z0 = 0)
-    logps/chosen         mean logp(y) of the desirable completions (summed over tokens); logps/rejected alike
-    learning_rate, grad_norm (before clipping), epoch
-Everything goes to TensorBoard under runs/<run_name>/ (and W&B with --track), to runs/<run_name>/
-metrics.jsonl (one JSON object per logged step), to the progress bar, and into a final summary line.
-The trained model (with --lora: the adapter) and tokenizer are saved with save_pretrained into the same directory.
+Usage, metrics, implementation details, defaults and results: docs/algos/kto.md; conventions shared by every
+script (tokens, batches, logging, checkpoints, scaling flags): docs/conventions.md.
 """
 
 import itertools
 import json
 import os
 import random
+import re
+import secrets
+import shutil
+import signal
 import sys
 import time
 from contextlib import nullcontext
@@ -112,16 +31,18 @@ import datasets
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
 import transformers
 import tyro
 from datasets import Dataset, load_dataset
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_state_dict, set_state_dict
 from torch.distributed.fsdp import fully_shard
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
-from transformers import AutoModelForCausalLM, AutoTokenizer, get_scheduler
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, get_scheduler
 
+SIGNALS = []  # the signals received, see note_signal
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)  # `kernels` lives at the repository root, next to algos/
 from kernels import linear_logprobs, logprobs  # noqa: E402
@@ -146,7 +67,15 @@ class Args:
     wandb_entity: str | None = None
     """the W&B entity (team)"""
     output_dir: str | None = None
-    """where logs, metrics.jsonl and the trained model go; default runs/<run_name>"""
+    """where logs, metrics.jsonl, checkpoints and the trained model go; default runs/<run_name>"""
+    overwrite: bool = False
+    """if toggled, start afresh in a non-empty --output-dir (its contents are deleted once model and data load)"""
+    resume: bool = False
+    """if toggled, continue from the newest complete checkpoint in --output-dir"""
+    save_steps: int = 500
+    """write a checkpoint every this many optimiser steps (0: never); SIGTERM and Ctrl-C also write one"""
+    save_total_limit: int = 2
+    """keep only the newest this many checkpoints"""
 
     model_name_or_path: str = os.path.join(REPO, "benchmarks/arith/model")
     """the policy to train and the frozen reference: a hub id or a local directory"""
@@ -156,6 +85,8 @@ class Args:
     """if toggled, run forward passes under bfloat16 autocast (GPU)"""
     gradient_checkpointing: bool = False
     """if toggled, recompute activations in the backward pass to save memory"""
+    disable_dropout: bool = True
+    """if toggled, set every dropout of the loaded models to 0 (before LoRA, whose own dropout stays)"""
     fsdp: bool = False
     """if toggled, shard the policy and the reference over the processes with FSDP2 (each decoder layer, then
     the root) instead of replicating them with DDP; needs torchrun (--nproc_per_node 1 for one process)"""
@@ -169,13 +100,14 @@ class Args:
     lora_dropout: float = 0.0
     """dropout on the input of the LoRA updates"""
     lora_target_modules: tuple[str, ...] = ("all-linear",)
-    """the module names that get adapters (e.g. q_proj v_proj), or all-linear: every linear layer but lm_head"""
+    """the module names that get adapters (e.g. q_proj v_proj), or all-linear: every linear layer but lm_head
+    (not the routed experts of mixture-of-experts models, whose weights are not linear layers)"""
     fused_linear: bool = False
     """if toggled, get the log-probs from the last hidden states and lm_head's weight chunk by chunk
     (kernels.linear_logprobs), never holding the full logits: less memory for large vocabularies"""
 
     dataset_name: str = os.path.join(REPO, "benchmarks/arith/data/pairs_{split}.jsonl")
-    """a hub id or a local .json/.jsonl/.parquet file; `{split}` in a file name is replaced by the split
+    """a hub id or a local .json/.jsonl/.csv/.parquet file; `{split}` in a file name is replaced by the split
     (a local file without it has only a training split, so no evaluation)"""
     dataset_config: str | None = None
     """the hub dataset's configuration name, if it has several"""
@@ -184,11 +116,11 @@ class Args:
     dataset_test_split: str | None = "test"
     """the split to evaluate on; None to skip evaluation"""
     max_length: int = 1024
-    """maximum tokens of prompt + completion; completions are cut at the end to fit"""
+    """maximum tokens of prompt + completion (at most the model's positions); completions are cut at the end"""
     max_prompt_length: int = 512
     """maximum tokens of the prompt, cut according to --truncation-mode"""
     truncation_mode: Literal["keep_end", "keep_start"] = "keep_end"
-    """which part of a too-long prompt to keep: its end (next to the completion) or its start"""
+    """which part of a too-long prompt to keep: its end (next to the completion; BOS stays) or its start"""
 
     learning_rate: float = 2e-4
     """AdamW learning rate after warm-up"""
@@ -199,29 +131,28 @@ class Args:
     max_grad_norm: float = 1.0
     """clip the global gradient norm to this (inf: no clipping)"""
     per_device_train_batch_size: int = 16
-    """examples per process per micro-batch (>= 2 on one process: z0 pairs them); global batch = this x
-    processes x accumulation steps"""
+    """rows per process per micro-batch; global batch = this x processes x accumulation steps"""
     gradient_accumulation_steps: int = 1
     """micro-batches accumulated into one optimiser step"""
     per_device_eval_batch_size: int = 32
-    """examples per process per evaluation batch (the examples of all processes share one z0)"""
+    """rows per process per evaluation batch"""
     num_train_epochs: int = 1
     """passes over the training split (ignored when --max-steps is set)"""
     max_steps: int | None = None
     """if set, train for exactly this many optimiser steps"""
     precompute_ref_logps: bool = False
-    """not available in KTO (an error): the reference model scores each batch's mismatched pairs, which change"""
+    """if toggled, compute the reference log-probs once before training and free the reference model"""
     logging_steps: int = 10
     """log training metrics every this many optimiser steps"""
     eval_steps: int = 100
     """evaluate every this many optimiser steps (0: only at the end)"""
 
     beta: float = 2.0
-    """β, the strength of the KL penalty: the inverse temperature of the implicit reward (the value's slope)"""
+    """β, the strength of the KL penalty: the inverse temperature of the implicit reward"""
     desirable_weight: float = 1.0
-    """λD, the weight of the desirable examples' losses"""
+    """λD, the weight of the desirable rows' losses"""
     undesirable_weight: float = 1.0
-    """λU, the weight of the undesirable examples' losses; keep λD·nD / (λU·nU) in [1, 3/2] (a warning says)"""
+    """λU, the weight of the undesirable rows' losses; keep λD·nD / (λU·nU) in [1, 3/2] (a warning says)"""
 
 
 def kto_loss(
@@ -234,19 +165,18 @@ def kto_loss(
     desirable_weight: float = 1.0,
     undesirable_weight: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The KTO loss of each example, the implicit rewards and the reference point.
+    """The KTO loss of each row, the implicit rewards and the reference point.
 
-    policy_logps, reference_logps: (B,) sums of completion-token log-probs of the examples; desirable: (B,) bool
-    labels. policy_kl_logps, reference_kl_logps: (M,) the same for the mismatched pairs (x_i, y_{i+1 mod M}) of the
-    whole micro-batch (all processes' examples under torchrun, so M >= B), M >= 2. With r = policy - reference,
-        z0   = max(0, mean(policy_kl - reference_kl))                         (no gradient flows into it)
+    Inputs are (B,) sums of completion-token log-probs and (B,) bool labels of the rows, and (M,) sums of the
+    mismatched pairs (x_i, y_{i+1 mod M}) of the whole micro-batch (all processes' rows: M >= B, M >= 2). With
+        r = policy - reference,   z0 = max(0, mean(policy_kl - reference_kl))   (no gradient flows into z0)
         loss = λD·(1 - σ(β·(r - z0)))  if desirable,  λU·(1 - σ(β·(z0 - r)))  otherwise
-    (computed as λ·σ(-β·(...)), equal and exact where σ(.) rounds to 1) returns (losses, rewards, z0): the (B,)
-    per-example losses (differentiable), the (B,) rewards β·r (detached) and z0 () (detached).
+    (computed as λ·σ(-β·(...)), exact where σ(.) rounds to 1) returns (losses, rewards, z0): the (B,) per-row
+    losses (differentiable), the (B,) rewards β·r (detached) and z0 () (detached).
     """
     if policy_kl_logps.numel() < 2:
-        raise ValueError("z0 cannot be estimated from a micro-batch of one example: its prompt has no other "
-                         "example's completion to be paired with. Use micro-batches of at least 2 examples")
+        raise ValueError("z0 cannot be estimated from a micro-batch of one row: its prompt has no other row's "
+                         "completion to be paired with. Use micro-batches of at least 2 rows")
     reference_point = (policy_kl_logps - reference_kl_logps).mean().clamp(min=0).detach()
     logratios = policy_logps - reference_logps
     desirable_losses = desirable_weight * torch.sigmoid(-beta * (logratios - reference_point))
@@ -255,15 +185,44 @@ def kto_loss(
     return losses, beta * logratios.detach(), reference_point
 
 
+def algorithm_checks(args: Args) -> list[tuple[str, bool, str]]:
+    """This script's own flags for check_args: (flag, whether its value is valid, the valid range)."""
+    pairing, world_size = ">= 2 rows over all processes (z0 pairs rows)", int(os.environ.get("WORLD_SIZE", "1"))
+    return [("beta", args.beta > 0, "> 0"), ("desirable-weight", args.desirable_weight > 0, "> 0"),
+            ("undesirable-weight", args.undesirable_weight > 0, "> 0"),
+            ("per-device-train-batch-size", args.per_device_train_batch_size * world_size >= 2, pairing),
+            ("per-device-eval-batch-size", args.per_device_eval_batch_size * world_size >= 2, pairing),
+            ("precompute-ref-logps", not args.precompute_ref_logps, "off: the reference model scores the "
+             "mismatched pairs of every batch, which change from batch to batch")]
+
+
+COLUMNS = ["prompt", "completion", "label"]  # what a row needs (TRL's unpaired preference format)
+
+
+class Unpaired(list):
+    """The rows of a paired dataset unpaired (see unpair), with the column names prepare_dataset reads."""
+
+    column_names = COLUMNS
+
+
+def unpair(dataset: Dataset):
+    """A dataset in TRL's preference format (prompt, chosen, rejected; implicit prompts too) as unpaired rows: pair
+    i gives row 2i, its chosen completion labelled desirable, and row 2i + 1, its rejected one undesirable. Any
+    other dataset is returned as it is (prepare_dataset checks its columns)."""
+    columns = set(dataset.column_names)
+    implicit = len(dataset) > 0 and is_conversational(dataset[0].get("chosen"))
+    if not {"chosen", "rejected"} <= columns or "completion" in columns or ("prompt" not in columns and not implicit):
+        return dataset
+    return Unpaired({"prompt": pair.get("prompt"), "completion": pair[key], "label": key == "chosen"}
+                    for pair in map(extract_prompt, dataset) for key in ("chosen", "rejected"))
+
+
 def class_weight_warning(num_desirable: int, num_undesirable: int, desirable_weight: float,
                          undesirable_weight: float) -> str | None:
     """The paper's rule for imbalanced data: λD·nD / (λU·nU) in [1, 3/2]. A message when the weights break it (with
-    the λD range that would keep it), or None. Raises on weights that are not positive."""
-    if desirable_weight <= 0 or undesirable_weight <= 0:
-        raise ValueError(f"--desirable-weight {desirable_weight} and --undesirable-weight {undesirable_weight} must "
-                         "both be positive: a weight of 0 ignores a class, a negative one trains the wrong way")
+    the λD range that would keep it), or None."""
     if num_desirable == 0 or num_undesirable == 0:
-        return (f"the train split has {num_desirable} desirable and {num_undesirable} undesirable examples: KTO "
+        return (f"the train split has {num_desirable} desirable and {num_undesirable} undesirable rows: KTO "
                 "trains on one class alone, but the paper's class-balance rule cannot be applied")
     ratio = desirable_weight * num_desirable / (undesirable_weight * num_undesirable)
     low, high = (undesirable_weight * num_undesirable / num_desirable * bound for bound in (1, 1.5))
@@ -271,28 +230,185 @@ def class_weight_warning(num_desirable: int, num_undesirable: int, desirable_wei
         return (f"λD·nD / (λU·nU) = {desirable_weight}·{num_desirable} / ({undesirable_weight}·{num_undesirable}) = "
                 f"{ratio:.3f} is outside the paper's [1, 3/2]: with --undesirable-weight {undesirable_weight}, a "
                 f"--desirable-weight in [{low:.3g}, {high:.3g}] keeps it there")
-    return None
 
 
-def check_args(args: Args, world_size: int, num_eval_rows: int) -> None:
-    """Errors for what KTO cannot run with: z0 needs micro-batches (all processes' examples together) of at least
-    2 examples, and the reference model throughout training."""
-    if min(args.per_device_train_batch_size, args.per_device_eval_batch_size) * world_size < 2:
-        raise ValueError("a micro-batch of one example cannot estimate z0, which pairs each prompt with the next "
-                         "example's completion: use --per-device-train-batch-size and --per-device-eval-batch-size "
-                         "of at least 2 (or 2 per process count: the processes' micro-batches pair together)")
-    if num_eval_rows in range(1, world_size):
-        raise ValueError(f"the test split has {num_eval_rows} examples, fewer than the {world_size} processes")
-    if args.precompute_ref_logps:
-        raise ValueError("--precompute-ref-logps: KTO's reference model scores the mismatched pairs of every batch "
-                         "(they change from batch to batch), so it cannot be freed before training")
+def tokenize_row(example: dict, tokenizer, args: Args) -> dict:
+    """An unpaired row, standard or conversational -> token ids of prompt and completion, and its label, with the
+    flags that prepare_dataset counts: truncated, unknown (a token the tokenizer could not map)."""
+    if not isinstance(example["label"], bool):
+        raise ValueError(f"the label is {example['label']!r} ({type(example['label']).__name__}), not true (desirable) "
+                         "or false (undesirable): cast the column, e.g. dataset.cast_column('label', Value('bool'))")
+    prompt, *completions = text_columns(example, COLUMNS[:2])
+    if not isinstance(prompt, str):
+        prompt, completions = apply_chat_template(tokenizer, prompt, completions)
+    prompt_ids = tokenize_prompt(tokenizer, prompt)
+    completions_ids = [tokenize_completion(tokenizer, text) for text in completions]
+    lengths = [len(prompt_ids)] + [len(ids) for ids in completions_ids]
+    prompt_ids, (completion_ids,) = truncate(prompt_ids, completions_ids, tokenizer.bos_token_id, args)
+    return {"prompt_ids": prompt_ids, "completion_ids": completion_ids, "label": example["label"],
+            "truncated": [len(prompt_ids), len(completion_ids)] != lengths,
+            "unknown": tokenizer.unk_token_id in prompt_ids + completion_ids}
+
+
+def micro_batch(rows: list[dict], group: list[int], share: slice, max_length: int) -> list[dict]:
+    """The rows group[share], each with `kl_ids` for z0: the completion of the next row of the whole group (i + 1 mod
+    m, so none is paired with itself when m >= 2), cut to fit max_length after the row's own prompt."""
+    partners = group[1:] + group[:1]
+    return [{**rows[i], "kl_ids": rows[j]["completion_ids"][: max_length - len(rows[i]["prompt_ids"])]}
+            for i, j in zip(group[share], partners[share])]
+
+
+def collate(rows: list[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """B rows -> 2B right-padded sequences, the completions first, then the kl_ids: input_ids, attention_mask, labels
+    (2B, T), labels being the input ids on completion tokens and -100 on prompt and padding; plus the (B,)
+    bool labels `desirable`."""
+    sequences, labels = [], []
+    for key in ("completion_ids", "kl_ids"):
+        for row in rows:
+            sequences.append(row["prompt_ids"] + row[key])
+            labels.append([-100] * len(row["prompt_ids"]) + row[key])
+    length = max(map(len, sequences))
+    batch = {
+        "input_ids": torch.tensor([s + [pad_token_id] * (length - len(s)) for s in sequences]),
+        "attention_mask": torch.tensor([[1] * len(s) + [0] * (length - len(s)) for s in sequences]),
+        "labels": torch.tensor([s + [-100] * (length - len(s)) for s in labels]),
+    }
+    batch["desirable"] = torch.tensor([row["label"] for row in rows])
+    return batch
+
+
+def concatenated_forward(model, batch: dict, fused_linear: bool = False):
+    """Rows and mismatched pairs in one forward pass: the (B,) completion log-probs of each, and the router's
+    auxiliary loss (0 for dense models)."""
+    logits, aux_loss = forward_logits(model, batch["input_ids"], batch["attention_mask"], fused_linear)
+    logps, kl_logps = batch_logps(logits, batch["labels"]).chunk(2)
+    return logps, kl_logps, aux_loss
+
+
+def policy_forward(model, batch: dict, fused_linear: bool = False):
+    """concatenated_forward in two passes, the mismatched pairs first and without gradient (they only set z0),
+    so that backward spends nothing on them and the last forward before it is the one that DDP tracks."""
+    (input_ids, kl_input_ids), (attention_mask, kl_attention_mask), (labels, kl_labels) = (
+        batch[key].chunk(2) for key in ("input_ids", "attention_mask", "labels"))
+    with torch.no_grad():
+        kl_logits, _ = forward_logits(model, kl_input_ids, kl_attention_mask, fused_linear)
+        kl_logps = batch_logps(kl_logits, kl_labels)
+    logits, aux_loss = forward_logits(model, input_ids, attention_mask, fused_linear)
+    return batch_logps(logits, labels), kl_logps, aux_loss
+
+
+def compute_loss(model, ref_model, batch: dict, args: Args) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The mean loss of a batch, and the sums over its rows of the logged metrics."""
+    policy_logps, policy_kl_logps, aux_loss = policy_forward(model, batch, args.fused_linear)
+    with torch.no_grad():
+        reference_logps, reference_kl_logps, _ = concatenated_forward(ref_model, batch, args.fused_linear)
+    kl_logps = torch.stack([policy_kl_logps, reference_kl_logps])
+    if dist.is_initialized():  # z0 comes from the mismatched pairs of all processes (their shares may differ in size)
+        shares = [None] * dist.get_world_size()
+        dist.all_gather_object(shares, kl_logps.tolist())
+        kl_logps = torch.cat([torch.tensor(share, dtype=kl_logps.dtype, device=kl_logps.device) for share in shares], -1)
+    desirable = batch["desirable"]
+    losses, rewards, reference_point = kto_loss(
+        policy_logps, reference_logps, desirable, *kl_logps,
+        args.beta, args.desirable_weight, args.undesirable_weight,
+    )
+    margins = torch.where(desirable, rewards - args.beta * reference_point, args.beta * reference_point - rewards)
+    metrics = {
+        "loss": losses.detach().sum(),
+        "kl": reference_point * len(losses),
+        "rewards/chosen": rewards[desirable].sum(),
+        "rewards/rejected": rewards[~desirable].sum(),
+        "rewards/margins": margins.sum(),
+        "rewards/accuracies": (margins > 0).float().sum(),
+        "logps/chosen": policy_logps.detach()[desirable].sum(),
+        "logps/rejected": policy_logps.detach()[~desirable].sum(),
+        "count/chosen": desirable.float().sum(),
+        "count/rejected": (~desirable).float().sum(),
+    }
+    return losses.mean() + aux_loss, metrics
+
+
+def class_means(sums: dict[str, torch.Tensor], count: torch.Tensor) -> dict[str, float]:
+    """mean_over_ranks, but a */chosen or */rejected metric is divided by the number of desirable or undesirable
+    rows (count/chosen, count/rejected), and left out when there are none."""
+    means = mean_over_ranks({k: v for k, v in sums.items() if not k.endswith(("/chosen", "/rejected"))}, count)
+    for name in ("chosen", "rejected"):
+        part = mean_over_ranks({k: v for k, v in sums.items() if k.endswith(f"/{name}")}, sums[f"count/{name}"])
+        if part.pop(f"count/{name}") == 1:  # else 0 / 0: no such rows
+            means.update(part)
+    return means
+
+
+def eval_groups(num_rows: int, group_size: int, world_size: int) -> list[list[int]]:
+    """Consecutive groups of row indices, each sharing one z0; a last group too small to be shared by the
+    processes or to pair its rows (fewer than max(2, world_size) rows) joins the group before."""
+    groups = [list(range(start, min(start + group_size, num_rows))) for start in range(0, num_rows, group_size)]
+    if len(groups) > 1 and len(groups[-1]) < max(2, world_size):
+        last = groups.pop()
+        groups[-1] += last
+    return groups
+
+
+@torch.no_grad()
+def evaluate(policy, ref_model, rows: list[dict], args: Args, pad_token_id, device, autocast) -> dict[str, float]:
+    """eval/ metrics over all rows, in micro-batches of eval_groups, each process taking every world_size-th row."""
+    policy.eval()
+    sums, count = {}, torch.zeros((), device=device)
+    rank, world_size = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    for group in eval_groups(len(rows), args.per_device_eval_batch_size * world_size, world_size):
+        chunk = micro_batch(rows, group, slice(rank, None, world_size), args.max_length)
+        batch = {k: v.to(device) for k, v in collate(chunk, pad_token_id).items()}
+        with autocast:
+            _, metrics = compute_loss(policy, ref_model, batch, args)
+        sums = {k: sums.get(k, 0) + v for k, v in metrics.items()}
+        count += len(chunk)
+    policy.train()
+    return {f"eval/{k}": v for k, v in class_means(sums, count).items()}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Plumbing: every function below is the same, byte for byte, in every script that uses it (tests/test_template.py)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def check_args(args: Args) -> None:
+    """Every flag, checked before anything is loaded or written: one error naming each bad flag and its range."""
+    at_least = {"per_device_train_batch_size": 1, "gradient_accumulation_steps": 1, "per_device_eval_batch_size": 1,
+                "num_train_epochs": 1, "max_steps": 1, "logging_steps": 1, "eval_steps": 0, "save_steps": 0,
+                "save_total_limit": 1, "max_length": 1, "max_prompt_length": 1, "lora_r": 1, "threads": 1}
+    checks = [(name.replace("_", "-"), getattr(args, name) is None or getattr(args, name) >= low, f">= {low}")
+              for name, low in at_least.items()]
+    checks += [("learning-rate", args.learning_rate > 0, "> 0"), ("max-grad-norm", args.max_grad_norm > 0, "> 0"),
+               ("warmup-ratio", 0 <= args.warmup_ratio <= 1, "in [0, 1]"),
+               ("lora-dropout", 0 <= args.lora_dropout < 1, "in [0, 1)")] + algorithm_checks(args)
+    problems = [f"--{flag} {getattr(args, flag.replace('-', '_'))}: must be {valid_range}"
+                for flag, valid, valid_range in checks if not valid]
+    path = args.model_name_or_path
+    if (os.path.isabs(path) or path.startswith((".", "~")) or path.count("/") > 1) and not os.path.isdir(path):
+        problems.append(f"--model-name-or-path: no model at {path} (a local directory, or a hub id like org/name)")
+    if args.fsdp and "RANK" not in os.environ:
+        problems.append("--fsdp shards over the processes torchrun starts: launch with torchrun (--nproc_per_node 1 "
+                        "for one process)")
+    if args.resume and args.overwrite:
+        problems.append("--resume continues the run in --output-dir, --overwrite deletes it: choose one")
+    elif args.resume and (args.output_dir is None or latest_checkpoint(args.output_dir) is None):
+        problems.append(f"--resume: no complete checkpoint-<step> in --output-dir {args.output_dir} to continue from")
+    elif args.resume:
+        saved = json.load(open(os.path.join(latest_checkpoint(args.output_dir), "checkpoint.json")))["world_size"]
+        if saved != int(os.environ.get("WORLD_SIZE", "1")):
+            problems.append(f"--resume: the checkpoint was written by {saved} processes: resume with as many")
+    elif args.output_dir and os.path.isdir(args.output_dir) and os.listdir(args.output_dir) and not args.overwrite:
+        problems.append(f"--output-dir {args.output_dir} is not empty: pass --resume to continue its run, --overwrite "
+                        "to start afresh (deleting it), or choose another directory")
+    if problems:
+        raise ValueError("invalid arguments:\n  " + "\n  ".join(problems))
 
 
 def load_splits(name: str, config: str | None, train_split: str, test_split: str | None):
-    """(train, test or None): splits of a hub dataset, or local .json/.jsonl/.parquet files where `{split}`
-    in the name is replaced by the split (a file name without it is the training data only: no test)."""
+    """(train, test or None): splits of a hub dataset, or local .json/.jsonl/.csv/.parquet files where `{split}` in
+    the name is replaced by the split (a file name without it is the training data only: no test)."""
     extension = os.path.splitext(name)[1]
-    if extension not in (".json", ".jsonl", ".parquet"):
+    if extension not in (".json", ".jsonl", ".csv", ".parquet"):
         test = load_dataset(name, config, split=test_split) if test_split else None
         return load_dataset(name, config, split=train_split), test
 
@@ -300,9 +416,38 @@ def load_splits(name: str, config: str | None, train_split: str, test_split: str
         path = name.replace("{split}", split)
         if not os.path.isfile(path):
             raise FileNotFoundError(f"no dataset file {path} (--dataset-name {name}, split {split})")
-        return load_dataset("parquet" if extension == ".parquet" else "json", data_files=path, split="train")
+        if extension not in (".json", ".jsonl"):
+            return load_dataset(extension[1:], data_files=path, split="train")
+        records, kinds = read_json_records(path), {}
+        try:
+            return Dataset.from_list(records)
+        except (TypeError, ValueError):  # pyarrow: a column whose rows hold values of different types
+            for i, record in enumerate(records):
+                for column, value in record.items():
+                    if value is not None and kinds.setdefault(column, type(value)) is not type(value):
+                        raise ValueError(f"{path}, row {i}: column {column!r} holds {value!r:.80}, a "
+                                         f"{type(value).__name__}, where other rows hold a {kinds[column].__name__}")
+            raise
 
     return load_file(train_split), (load_file(test_split) if test_split and "{split}" in name else None)
+
+
+def read_json_records(path: str) -> list[dict]:
+    """The rows of a JSON file (a list of objects) or a JSON Lines one (an object per line), with an error naming
+    the file and line of invalid JSON."""
+    with open(path, encoding="utf-8") as file:
+        text = file.read()
+    documents = [(1, text)] if text.lstrip().startswith("[") else enumerate(text.splitlines(), 1)
+    records = []
+    for first_line, document in documents:
+        try:
+            value = json.loads(document) if document.strip() else []
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path}, line {first_line + error.lineno - 1}: invalid JSON ({error.msg})") from None
+        records += value if isinstance(value, list) else [value]
+    if not all(isinstance(record, dict) for record in records):
+        raise ValueError(f"{path}: expected one JSON object per row")
+    return records
 
 
 def is_conversational(value) -> bool:
@@ -310,11 +455,23 @@ def is_conversational(value) -> bool:
     return isinstance(value, list) and len(value) > 0 and isinstance(value[0], dict) and "role" in value[0]
 
 
+def text_columns(example: dict, columns: list[str]) -> list:
+    """The values of a row's text columns, checked: all strings, or all lists of messages."""
+    values = [example[column] for column in columns]
+    for column, value in zip(columns, values):
+        if not isinstance(value, str) and not is_conversational(value):
+            raise ValueError(f"column {column!r} holds {value!r:.80} ({type(value).__name__}): expected a string or a "
+                             'list of {"role": ..., "content": ...} messages; fix or drop the row')
+    if len({isinstance(value, str) for value in values}) > 1:
+        raise ValueError(f"the columns {columns} mix strings and lists of messages: use one format")
+    return values
+
+
 def extract_prompt(example: dict) -> dict:
     """TRL's implicit-prompt format (chosen and rejected are whole conversations, no conversational prompt
     column): the leading messages they share become the prompt."""
     chosen, rejected = example["chosen"], example["rejected"]
-    if not is_conversational(chosen) or is_conversational(example.get("prompt")):
+    if not is_conversational(chosen) or not is_conversational(rejected) or is_conversational(example.get("prompt")):
         return example
     shared = 0
     while shared < min(len(chosen), len(rejected)) and chosen[shared] == rejected[shared]:
@@ -331,8 +488,6 @@ def apply_chat_template(tokenizer, prompt: list, completions: list[list]) -> tup
     prompt_text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
     texts = []
     for completion in completions:
-        if not is_conversational(completion):
-            raise ValueError("the prompt is a list of messages but a completion is not: use one format")
         text = tokenizer.apply_chat_template(prompt + completion, tokenize=False)
         if not text.startswith(prompt_text):
             raise ValueError(f"the chat template does not render the prompt {prompt_text!r} as a prefix of "
@@ -361,109 +516,70 @@ def tokenize_completion(tokenizer, text: str, add_eos: bool = True) -> list[int]
     return ids
 
 
-def truncate(prompt_ids: list[int], completions_ids: list[list[int]], max_length, max_prompt_length, truncation_mode):
-    """Cut the prompt to max_prompt_length tokens (keep_end keeps its end, keep_start its start), then each
-    completion at its end to fit max_length. Raises if not even one completion token fits."""
-    if len(prompt_ids) > max_prompt_length:
-        keep_end = truncation_mode == "keep_end"
-        prompt_ids = prompt_ids[-max_prompt_length:] if keep_end else prompt_ids[:max_prompt_length]
-    room = max_length - len(prompt_ids)
+def truncate(prompt_ids: list[int], completions_ids: list[list[int]], bos_token_id: int | None, args: Args):
+    """Cut the prompt to --max-prompt-length tokens (keep_end keeps its end and its leading BOS, keep_start its
+    start), then each completion at its end to fit --max-length. Raises if not even one completion token fits."""
+    if len(prompt_ids) > args.max_prompt_length and args.truncation_mode == "keep_start":
+        prompt_ids = prompt_ids[: args.max_prompt_length]
+    elif len(prompt_ids) > args.max_prompt_length:
+        bos = prompt_ids[:1] if bos_token_id is not None and prompt_ids[:1] == [bos_token_id] else []
+        prompt_ids = bos + prompt_ids[len(prompt_ids) - args.max_prompt_length + len(bos) :]
+    room = args.max_length - len(prompt_ids)
     if room < 1:
         raise ValueError(f"the prompt takes {len(prompt_ids)} tokens, which leaves no room for the completion "
-                         f"within --max-length {max_length}: lower --max-prompt-length or raise --max-length")
+                         f"within --max-length {args.max_length}: lower --max-prompt-length or raise --max-length")
     return prompt_ids, [ids[:room] for ids in completions_ids]
 
 
-def tokenize_row(example: dict, tokenizer, max_length, max_prompt_length, truncation_mode) -> dict:
-    """An unpaired example, standard or conversational -> token ids of prompt and completion, and its label."""
-    if not isinstance(example["label"], bool):
-        raise ValueError(f"the label is {example['label']!r} ({type(example['label']).__name__}), not true (desirable) "
-                         "or false (undesirable): cast the column, e.g. dataset.cast_column('label', Value('bool'))")
-    prompt, completions = example["prompt"], [example["completion"]]
-    if is_conversational(prompt):
-        prompt, completions = apply_chat_template(tokenizer, prompt, completions)
-    prompt_ids = tokenize_prompt(tokenizer, prompt)
-    completions_ids = [tokenize_completion(tokenizer, text) for text in completions]
-    lengths = [len(prompt_ids)] + [len(ids) for ids in completions_ids]
-    prompt_ids, (completion_ids,) = truncate(prompt_ids, completions_ids, max_length, max_prompt_length, truncation_mode)
-    truncated = [len(prompt_ids), len(completion_ids)] != lengths
-    return {"prompt_ids": prompt_ids, "completion_ids": completion_ids, "label": example["label"], "truncated": truncated}
-
-
 def prepare_dataset(dataset: Dataset, tokenizer, vocab_size: int, args: Args, name="the dataset") -> list[dict]:
-    """Check an unpaired preference dataset (or a paired one, unpaired: chosen desirable, rejected undesirable)
-    and tokenize it into a list of `tokenize_row` rows."""
-    paired = {"chosen", "rejected"} <= set(dataset.column_names) and "completion" not in dataset.column_names
-    columns = ["prompt", "chosen", "rejected"] if paired else ["prompt", "completion", "label"]
-    missing = [column for column in columns if column not in dataset.column_names]
-    if missing == ["prompt"] and paired and len(dataset) > 0 and is_conversational(dataset[0]["chosen"]):
+    """Check a dataset and tokenize it into a list of `tokenize_row` rows (each with an `unknown` flag too)."""
+    if len(dataset) == 0:
+        raise ValueError(f"{name} has no rows: check --dataset-name and the split")
+    missing = [column for column in COLUMNS if column not in dataset.column_names]
+    if missing == ["prompt"] and is_conversational(dataset[0].get("chosen")):
         missing = []  # implicit prompt, see extract_prompt
     if missing:
-        raise ValueError(f"{name} lacks the column(s) {missing}: it has {dataset.column_names}, and KTO needs "
-                         "prompt, completion, label (TRL's unpaired preference format, label true for a desirable "
-                         "completion) or TRL's preference format (prompt, chosen, rejected; unpaired here), as strings "
-                         "or lists of messages: rename the columns")
-    if len(dataset) == 0:
-        raise ValueError(f"{name} is empty: check --dataset-name and the split")
-    examples = enumerate(dataset)
-    if paired:  # each pair i gives two examples: its chosen completion desirable, its rejected one undesirable
-        examples = ((i, {"prompt": pair["prompt"], "completion": pair[key], "label": key == "chosen"})
-                    for i, pair in enumerate(map(extract_prompt, dataset)) for key in ("chosen", "rejected"))
+        raise ValueError(f"{name} lacks the column(s) {missing}: it has {dataset.column_names}, and "
+                         f"{os.path.basename(__file__)} needs {COLUMNS} (TRL's formats): rename the columns")
     rows = []
-    for i, example in examples:
+    for i, example in enumerate(dataset):
         try:
-            row = tokenize_row(example, tokenizer, args.max_length, args.max_prompt_length, args.truncation_mode)
+            row = tokenize_row(example, tokenizer, args)
         except ValueError as error:
-            raise ValueError(f"{name}, example {i}: {error}") from error
-        top = max(row["prompt_ids"] + row["completion_ids"])
-        if top >= vocab_size:
-            raise ValueError(f"{name}, example {i}: token id {top} is outside the model's vocabulary of "
+            raise ValueError(f"{name}, row {i}: {error}") from error
+        ids = [token for key, value in row.items() if key.endswith("_ids") for token in value]
+        ids = [token for value in ids for token in (value if isinstance(value, list) else [value])]
+        if max(ids) >= vocab_size:
+            raise ValueError(f"{name}, row {i}: token id {max(ids)} is outside the model's vocabulary of "
                              f"{vocab_size}: the tokenizer does not belong to the model")
-        rows.append(row)
-    if len(rows) < 2:
-        raise ValueError(f"{name} has a single example: KTO's reference point pairs each prompt with another "
-                         "example's completion, so it needs at least 2")
+        rows.append({**row, "unknown": tokenizer.unk_token_id in ids})
     return rows
 
 
-def collate(rows: list[dict], partners: list[dict], pad_token_id: int, max_length: int) -> dict[str, torch.Tensor]:
-    """B rows -> 2B right-padded sequences, the examples first, then the mismatched pairs (row i's prompt followed
-    by partners[i]'s completion, cut to fit max_length): input_ids, attention_mask, labels (2B, T), labels being
-    the input ids on completion tokens and -100 on prompt and padding; plus `desirable`, the (B,) bool labels."""
-    sequences, labels = [], []
-    mismatched = [partner["completion_ids"][: max_length - len(row["prompt_ids"])] for row, partner in zip(rows, partners)]
-    for completions in ([row["completion_ids"] for row in rows], mismatched):
-        for row, completion in zip(rows, completions):
-            sequences.append(row["prompt_ids"] + completion)
-            labels.append([-100] * len(row["prompt_ids"]) + completion)
-    length = max(map(len, sequences))
-    batch = {
-        "input_ids": torch.tensor([s + [pad_token_id] * (length - len(s)) for s in sequences]),
-        "attention_mask": torch.tensor([[1] * len(s) + [0] * (length - len(s)) for s in sequences]),
-        "labels": torch.tensor([s + [-100] * (length - len(s)) for s in labels]),
-    }
-    batch["desirable"] = torch.tensor([row["label"] for row in rows])
-    return batch
-
-
 def forward_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, fused_linear: bool = False):
-    """The (N, T, V) logits of a forward pass; with fused_linear instead the pair (last hidden states (N, T, H),
-    lm_head weight (V, H)), which `shifted_logprobs` projects chunk by chunk. Both go through the model's own
-    forward (with no logits to keep), so that DDP syncs the gradients and FSDP gathers the parameters."""
+    """(logits, aux_loss): the (N, T, V) logits, or with fused_linear the last hidden states (N, T, H) and what
+    kernels.linear_logprobs needs to project them chunk by chunk (lm_head's weight and bias, the config's logit_scale
+    and final_logit_softcapping), both from the model's own forward (so that DDP syncs and FSDP gathers); aux_loss is
+    the router's load-balancing loss x router_aux_loss_coef when the config asks for it (output_router_logits,
+    mixture-of-experts models), else 0."""
+    no_logits = {"output_hidden_states": True, "logits_to_keep": torch.empty(0, dtype=torch.long, device=input_ids.device)}
+    output = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **(no_logits if fused_linear else {}))
+    unwrapped = model.module if isinstance(model, DDP) else model
+    config, head = unwrapped.config, unwrapped.get_output_embeddings()
+    aux_loss = config.router_aux_loss_coef * output.aux_loss if getattr(output, "aux_loss", None) is not None else 0.0
     if not fused_linear:
-        return model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
-    no_logits = torch.empty(0, dtype=torch.long, device=input_ids.device)
-    output = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, output_hidden_states=True,
-                   logits_to_keep=no_logits)
-    return output.hidden_states[-1], (model.module if isinstance(model, DDP) else model).get_output_embeddings().weight
+        return output.logits, aux_loss
+    return (output.hidden_states[-1], {"weight": head.weight, "bias": getattr(head, "bias", None), "scale": getattr(
+        config, "logit_scale", None), "softcap": getattr(config, "final_logit_softcapping", None)}), aux_loss
 
 
 def shifted_logprobs(logits, labels: torch.Tensor) -> torch.Tensor:
     """(N, T-1) float32 log π(y_t | x, y_<t) of each label: the logits at position t predict token t + 1.
-    `logits` as `forward_logits` returns them: a tensor, or (hidden, weight) for kernels.linear_logprobs."""
+    `logits` as `forward_logits` returns them: a tensor, or (hidden, head) for kernels.linear_logprobs."""
     if isinstance(logits, tuple):
-        hidden, weight = logits
-        return linear_logprobs(hidden[:, :-1], weight, labels[:, 1:])
+        hidden, head = logits
+        return linear_logprobs(hidden[:, :-1], head["weight"], labels[:, 1:], bias=head["bias"], scale=head["scale"],
+                               softcap=head["softcap"])
     return logprobs(logits[:, :-1], labels[:, 1:])
 
 
@@ -471,68 +587,6 @@ def batch_logps(logits, labels: torch.Tensor) -> torch.Tensor:
     """(N,) float32 sums of log π(y_t | x, y_<t) over the completion tokens. The logits at position t
     predict token t + 1, hence the shift; labels are -100 on prompt and padding, which count 0."""
     return shifted_logprobs(logits, labels).sum(-1)
-
-
-def concatenated_forward(model, batch: dict, fused_linear: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """Examples and mismatched pairs in one forward pass: the (B,) completion log-probs of each."""
-    logits = forward_logits(model, batch["input_ids"], batch["attention_mask"], fused_linear)
-    return batch_logps(logits, batch["labels"]).chunk(2)
-
-
-def policy_forward(model, batch: dict, fused_linear: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """concatenated_forward in two passes, the mismatched pairs first and without gradient (they only set z0),
-    so that backward spends nothing on them and the last forward before it is the one that DDP tracks."""
-    (input_ids, kl_input_ids), (attention_mask, kl_attention_mask), (labels, kl_labels) = (
-        batch[key].chunk(2) for key in ("input_ids", "attention_mask", "labels")
-    )
-    with torch.no_grad():
-        kl_logits = forward_logits(model, kl_input_ids, kl_attention_mask, fused_linear)
-        kl_logps = batch_logps(kl_logits, kl_labels)
-    logits = forward_logits(model, input_ids, attention_mask, fused_linear)
-    return batch_logps(logits, labels), kl_logps
-
-
-def gather_from_ranks(values: torch.Tensor) -> torch.Tensor:
-    """(..., n) on each process, n possibly different -> (..., total n) of all processes, in rank order."""
-    if not dist.is_initialized():
-        return values
-    shares = [None] * dist.get_world_size()
-    dist.all_gather_object(shares, values.tolist())
-    return torch.cat([torch.tensor(share, dtype=values.dtype, device=values.device) for share in shares], dim=-1)
-
-
-def compute_loss(model, ref_model, batch: dict, args: Args) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """The mean loss of a micro-batch, and the sums over its examples of the logged metrics (with the counts of
-    desirable and undesirable examples). z0 comes from the mismatched pairs of all processes' micro-batches."""
-    policy_logps, policy_kl_logps = policy_forward(model, batch, args.fused_linear)
-    with torch.no_grad():
-        reference_logps, reference_kl_logps = concatenated_forward(ref_model, batch, args.fused_linear)
-    policy_kl_logps, reference_kl_logps = gather_from_ranks(torch.stack([policy_kl_logps, reference_kl_logps]))
-    desirable = batch["desirable"]
-    losses, rewards, reference_point = kto_loss(
-        policy_logps, reference_logps, desirable, policy_kl_logps, reference_kl_logps,
-        args.beta, args.desirable_weight, args.undesirable_weight,
-    )
-    margins = torch.where(desirable, rewards - args.beta * reference_point, args.beta * reference_point - rewards)
-    metrics = {
-        "loss": losses.detach().sum(),
-        "kl": reference_point * len(losses),
-        "rewards/chosen": rewards[desirable].sum(),
-        "rewards/rejected": rewards[~desirable].sum(),
-        "rewards/margins": margins.sum(),
-        "rewards/accuracies": (margins > 0).float().sum(),
-        "logps/chosen": policy_logps.detach()[desirable].sum(),
-        "logps/rejected": policy_logps.detach()[~desirable].sum(),
-        "count/chosen": desirable.float().sum(),
-        "count/rejected": (~desirable).float().sum(),
-    }
-    return losses.mean(), metrics
-
-
-def mismatched_partners(group: list[int]) -> list[int]:
-    """z0's pairs: in a micro-batch (all processes' examples, in order) example i gets the completion of example
-    i + 1 mod m, so that none is paired with itself when m >= 2."""
-    return group[1:] + group[:1]
 
 
 def global_batches(num_rows: int, global_batch_size: int, seed: int):
@@ -544,48 +598,23 @@ def global_batches(num_rows: int, global_batch_size: int, seed: int):
 
 
 def mean_over_ranks(sums: dict[str, torch.Tensor], count: torch.Tensor) -> dict[str, float]:
-    """Metric sums divided by the number of examples, both summed over all processes; a */chosen or */rejected
-    metric by the number of desirable or undesirable examples, and left out when there are none."""
+    """Metric sums divided by the number of rows, both summed over all processes."""
     keys = sorted(sums)
     totals = torch.stack([sums[key] for key in keys] + [count]).float()
     if dist.is_initialized():
         dist.all_reduce(totals)
-    counts = {key.split("/")[-1]: totals[i] for i, key in enumerate(keys) if key.startswith("count/")}
-    means = {}
-    for i, key in enumerate(keys):
-        divisor = counts.get(key.split("/")[-1], totals[-1])
-        if not key.startswith("count/") and divisor > 0:
-            means[key] = (totals[i] / divisor).item()
-    return means
+    return {key: (totals[i] / totals[-1]).item() for i, key in enumerate(keys)}
 
 
-def eval_groups(num_rows: int, group_size: int, world_size: int) -> list[list[int]]:
-    """Consecutive groups of row indices, each sharing one z0; a last group too small to be shared by the
-    processes or to pair its examples (fewer than max(2, world_size) rows) joins the group before."""
-    groups = [list(range(start, min(start + group_size, num_rows))) for start in range(0, num_rows, group_size)]
-    if len(groups) > 1 and len(groups[-1]) < max(2, world_size):
-        last = groups.pop()
-        groups[-1] += last
-    return groups
-
-
-@torch.no_grad()
-def evaluate(policy, ref_model, rows: list[dict], args: Args, pad_token_id, device, autocast) -> dict[str, float]:
-    """eval/ metrics over all rows: groups of per_device_eval_batch_size x world_size rows share one z0 like a
-    training micro-batch, each process taking every world_size-th row of a group."""
-    policy.eval()
-    sums, count = {}, torch.zeros((), device=device)
-    rank, world_size = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-    for group in eval_groups(len(rows), args.per_device_eval_batch_size * world_size, world_size):
-        shifted = mismatched_partners(group)
-        chunk, partners = [rows[i] for i in group[rank::world_size]], [rows[i] for i in shifted[rank::world_size]]
-        batch = {k: v.to(device) for k, v in collate(chunk, partners, pad_token_id, args.max_length).items()}
-        with autocast:
-            _, metrics = compute_loss(policy, ref_model, batch, args)
-        sums = {k: sums.get(k, 0) + v for k, v in metrics.items()}
-        count += len(chunk)
-    policy.train()
-    return {f"eval/{k}": v for k, v in mean_over_ranks(sums, count).items()}
+def load_model(args: Args, dtype: torch.dtype, device):
+    """from_pretrained onto the device; with --disable-dropout every dropout set to 0 (a torch.nn.Dropout's p, an
+    attention's float dropout rate), so that the policy trains (and samples) as the reference runs."""
+    model = AutoModelForCausalLM.from_pretrained(args.model_name_or_path, dtype=dtype).to(device)
+    for module in model.modules() if args.disable_dropout else []:
+        for name, value in list(vars(module).items()):
+            if isinstance(value, float) and ("dropout" in name or (name == "p" and isinstance(module, torch.nn.Dropout))):
+                setattr(module, name, 0.0)
+    return model
 
 
 class AdaptersDisabled:
@@ -614,19 +643,18 @@ def lora_target_modules(names: tuple[str, ...]) -> str | list[str]:
 
 @torch.no_grad()
 def check_fused_linear(model, device) -> None:
-    """--fused-linear computes the logits as hidden @ lm_head.weight.T: raise unless the model's own forward does
-    just that (no bias, no adapter on lm_head, no logit scaling or soft-capping), checked on a few tokens."""
-    head = model.get_output_embeddings()
-    input_ids = torch.arange(8, device=device)[None] % head.weight.shape[0]
-    attention_mask = torch.ones_like(input_ids)
-    logits = forward_logits(model, input_ids, attention_mask)
-    hidden, weight = forward_logits(model, input_ids, attention_mask, fused_linear=True)
-    plain = type(head) is torch.nn.Linear and head.bias is None
-    if not plain or getattr(model.config, "final_logit_softcapping", None) or not torch.allclose(
-        hidden @ weight.T, logits, rtol=1e-3, atol=1e-4
-    ):
-        raise ValueError(f"--fused-linear: the logits of {type(model).__name__} are not its last hidden states "
-                         "times lm_head.weight (a bias, an adapter on lm_head, logit scaling or soft-capping)")
+    """Raise unless --fused-linear's log-probs (see forward_logits) equal those of the model's own logits, on a few
+    tokens in eval mode (dropout would differ between the two passes)."""
+    input_ids = torch.arange(8, device=device)[None] % model.get_output_embeddings().weight.shape[0]
+    training = model.training
+    model.eval()
+    full, fused = (shifted_logprobs(forward_logits(model, input_ids, torch.ones_like(input_ids), fused_linear)[0],
+                                    input_ids) for fused_linear in (False, True))
+    model.train(training)
+    if not torch.allclose(fused, full, rtol=1e-4, atol=1e-4):
+        raise ValueError(f"--fused-linear: the logits of {type(model).__name__} are not what its last hidden states, "
+                         "lm_head (weight, bias), logit_scale and final_logit_softcapping give (an adapter on lm_head, "
+                         "another transform): run without --fused-linear")
 
 
 def shard(model) -> None:
@@ -640,8 +668,64 @@ def shard(model) -> None:
     fully_shard(model)
 
 
+def note_signal(signum: int, frame) -> None:
+    """SIGTERM (a preempted job) or Ctrl-C: noted, so that the run checkpoints after its step and exits; a second
+    one acts as usual."""
+    SIGNALS.append(signum)
+    signal.signal(signum, signal.SIG_DFL)
+
+
+def latest_checkpoint(output_dir: str) -> str | None:
+    """The newest complete checkpoint-<step> in output_dir (one being written is named checkpoint-<step>.tmp)."""
+    names = os.listdir(output_dir) if os.path.isdir(output_dir) else []
+    steps = [int(name.split("-")[1]) for name in names if re.fullmatch(r"checkpoint-\d+", name)]
+    return os.path.join(output_dir, f"checkpoint-{max(steps)}") if steps else None
+
+
+def save_checkpoint(output_dir: str, step: int, policy, optimizer, scheduler, state: dict, args: Args) -> None:
+    """checkpoint-<step>/: the trainable weights and AdamW state through torch.distributed.checkpoint (one shard per
+    process under FSDP), and each process's RNG states, scheduler and `state`. Written as checkpoint-<step>.tmp and
+    renamed when complete; only the newest --save-total-limit are kept."""
+    rank, world_size = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    path = os.path.join(output_dir, f"checkpoint-{step}")
+    model_state, optimizer_state = get_state_dict(policy, optimizer, options=StateDictOptions(ignore_frozen_params=True))
+    dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=path + ".tmp")
+    rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+           "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+    torch.save({**state, "rng": rng, "scheduler": scheduler.state_dict()}, os.path.join(path + ".tmp", f"rank{rank}.pt"))
+    if dist.is_initialized():
+        dist.barrier()
+    if rank == 0:
+        with open(os.path.join(path + ".tmp", "checkpoint.json"), "w") as file:
+            json.dump({"step": step, "world_size": world_size, "args": asdict(args)}, file, indent=1)
+        shutil.rmtree(path, ignore_errors=True)
+        os.rename(path + ".tmp", path)
+        steps = sorted(int(name.split("-")[1]) for name in os.listdir(output_dir) if re.fullmatch(r"checkpoint-\d+", name))
+        for old in steps[: -args.save_total_limit]:
+            shutil.rmtree(os.path.join(output_dir, f"checkpoint-{old}"))
+
+
+def load_checkpoint(path: str, policy, optimizer, scheduler, device) -> dict:
+    """Restore what save_checkpoint wrote into the policy, optimizer, scheduler and RNGs; return its `state`."""
+    model_state, optimizer_state = get_state_dict(policy, optimizer, options=StateDictOptions(ignore_frozen_params=True))
+    dcp.load({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=path)  # raises if a key is missing
+    set_state_dict(policy, optimizer, model_state_dict=model_state, optim_state_dict=optimizer_state,
+                   options=StateDictOptions(ignore_frozen_params=True, strict=False))  # the frozen weights are not in it
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    state = torch.load(os.path.join(path, f"rank{rank}.pt"), map_location=device, weights_only=False)
+    scheduler.load_state_dict(state.pop("scheduler"))
+    rng = state.pop("rng")
+    random.setstate(rng["python"])
+    np.random.set_state(rng["numpy"])
+    torch.set_rng_state(rng["torch"])
+    if rng["cuda"]:
+        torch.cuda.set_rng_state_all(rng["cuda"])
+    return state
+
+
 if __name__ == "__main__":
     args = tyro.cli(Args)
+    check_args(args)
     start_time = time.time()
     datasets.disable_progress_bars()
     transformers.logging.disable_progress_bar()
@@ -653,9 +737,6 @@ if __name__ == "__main__":
     device = torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
     if use_cuda:
         torch.cuda.set_device(device)
-    if args.fsdp and "RANK" not in os.environ:
-        raise ValueError("--fsdp shards over the processes torchrun starts: launch with torchrun "
-                         "(--nproc_per_node 1 for one process)")
     if world_size > 1 or args.fsdp:
         dist.init_process_group("nccl" if use_cuda else "gloo")
     is_main = rank == 0
@@ -671,28 +752,45 @@ if __name__ == "__main__":
         torch.use_deterministic_algorithms(True, warn_only=True)
         torch.backends.cudnn.deterministic = True
 
-    # run name and logging: only rank 0 writes
+    # run name: the random suffix keeps two runs started in the same second apart; rank 0's is everyone's
     dataset_stem = os.path.splitext(os.path.basename(args.dataset_name))[0].replace("{split}", "").strip("_-.")
-    run_name = f"{dataset_stem}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    names = [f"{dataset_stem}__{args.exp_name}__{args.seed}__{int(time.time())}_{secrets.token_hex(2)}"]
+    if dist.is_initialized():
+        dist.broadcast_object_list(names)
+    run_name = names[0]
     output_dir = args.output_dir or os.path.join("runs", run_name)
-    if is_main:
-        if args.track:
-            import wandb
 
-            wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True,
-                       config=asdict(args), name=run_name, save_code=True)
-        os.makedirs(output_dir, exist_ok=True)
-        writer = SummaryWriter(output_dir)
-        table = "\n".join(f"|{key}|{value}|" for key, value in asdict(args).items())
-        writer.add_text("hyperparameters", f"|param|value|\n|-|-|\n{table}")
-        metrics_file = open(os.path.join(output_dir, "metrics.jsonl"), "w")
-
-    # model and tokenizer: the policy trains; the reference is a frozen copy in eval mode (with --lora: the
-    # policy's own base model, adapters disabled); --fsdp shards both, DDP replicates the policy otherwise
+    # data, tokenized and checked before the models load
     tokenizer = AutoTokenizer.from_pretrained(args.model_name_or_path)
     pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    config = AutoConfig.from_pretrained(args.model_name_or_path)
+    positions = getattr(config, "max_position_embeddings", None)
+    if positions is not None and args.max_length > positions:
+        if is_main:
+            print(f"note: --max-length {args.max_length} is beyond the model's {positions} positions: using {positions}")
+        args.max_length = positions
+    train_data, test_data = load_splits(
+        args.dataset_name, args.dataset_config, args.dataset_train_split, args.dataset_test_split
+    )
+    train_rows = prepare_dataset(unpair(train_data), tokenizer, config.vocab_size, args, "the train split")
+    eval_rows = prepare_dataset(unpair(test_data), tokenizer, config.vocab_size, args, "the test split") if test_data else []
+    for flag, what in (("truncated", "were truncated to --max-prompt-length / --max-length"),
+                       ("unknown", "hold text the tokenizer maps to its unknown token"),
+                       ("identical", "have chosen equal to rejected: they give no gradient")):
+        count = sum(row.get(flag, False) for row in train_rows + eval_rows)
+        if count and is_main:
+            print(f"warning: {count} of {len(train_rows) + len(eval_rows)} rows {what}")
+    if 0 < len(eval_rows) < max(2, world_size):  # z0 pairs each row with another; every process needs a row
+        raise ValueError(f"the test split has {len(eval_rows)} rows: KTO needs 2, and one per process ({world_size})")
+    desirable = sum(row["label"] for row in train_rows)
+    warning = class_weight_warning(desirable, len(train_rows) - desirable, args.desirable_weight, args.undesirable_weight)
+    if warning and is_main:
+        print(f"warning: {warning}")
+
+    # models: the policy trains; the reference is a frozen copy in eval mode (with --lora: the policy's own base
+    # model, adapters disabled); --fsdp shards both, DDP replicates the policy otherwise
     dtype = getattr(torch, args.dtype)
-    policy = AutoModelForCausalLM.from_pretrained(args.model_name_or_path, dtype=dtype).to(device)
+    policy = load_model(args, dtype, device)
     policy.train()
     if args.gradient_checkpointing:
         policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -705,7 +803,7 @@ if __name__ == "__main__":
         ))
         ref_model = AdaptersDisabled(policy)
     else:
-        ref_model = AutoModelForCausalLM.from_pretrained(args.model_name_or_path, dtype=dtype).to(device)
+        ref_model = load_model(args, dtype, device)
         ref_model.eval().requires_grad_(False)
     if args.fused_linear:
         check_fused_linear(policy, device)
@@ -716,50 +814,55 @@ if __name__ == "__main__":
     model = DDP(policy, device_ids=[local_rank] if use_cuda else None) if world_size > 1 and not args.fsdp else policy
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16)
 
-    # data
-    vocab_size = policy.get_input_embeddings().num_embeddings
-    train_data, test_data = load_splits(
-        args.dataset_name, args.dataset_config, args.dataset_train_split, args.dataset_test_split
-    )
-    train_rows = prepare_dataset(train_data, tokenizer, vocab_size, args, "the train split")
-    eval_rows = prepare_dataset(test_data, tokenizer, vocab_size, args, "the test split") if test_data else []
-    truncated = sum(row["truncated"] for row in train_rows + eval_rows)
-    if truncated and is_main:
-        print(f"warning: {truncated} examples truncated to --max-prompt-length / --max-length")
-    desirable = sum(row["label"] for row in train_rows)
-    warning = class_weight_warning(desirable, len(train_rows) - desirable, args.desirable_weight, args.undesirable_weight)
-    if warning and is_main:
-        print(f"warning: {warning}")
-    check_args(args, world_size, len(eval_rows))
-
     # optimiser and schedule
     micro_batch_size, accumulation = args.per_device_train_batch_size, args.gradient_accumulation_steps
     global_batch_size = micro_batch_size * world_size * accumulation
     steps_per_epoch = len(train_rows) // global_batch_size
     if steps_per_epoch == 0:
-        raise ValueError(f"the train split has {len(train_rows)} examples, less than a global batch ({global_batch_size})")
+        raise ValueError(f"the train split has {len(train_rows)} rows, less than a global batch ({global_batch_size})")
     total_steps = args.max_steps if args.max_steps is not None else args.num_train_epochs * steps_per_epoch
     optimizer = torch.optim.AdamW(policy.parameters(), lr=args.learning_rate, weight_decay=0.0)
     scheduler = get_scheduler(args.lr_scheduler_type, optimizer, round(args.warmup_ratio * total_steps), total_steps)
+
+    # output directory: written only now that model and data have loaded; --resume restores the newest checkpoint
+    state = {"step": 0, "sums": {}, "count": torch.zeros((), device=device), "train_metrics": {}, "eval_metrics": {}}
+    if args.resume:
+        state = load_checkpoint(latest_checkpoint(output_dir), policy, optimizer, scheduler, device)
     if is_main:
-        print(f"{run_name}: {len(train_rows)} train ({desirable} desirable) and {len(eval_rows)} test examples; "
-              f"{total_steps} steps of {global_batch_size} examples ({world_size} processes x {micro_batch_size} x "
-              f"{accumulation}) on {device}")
+        if args.overwrite:
+            shutil.rmtree(output_dir, ignore_errors=True)
+        os.makedirs(output_dir, exist_ok=True)
+        if args.track:
+            import wandb
+
+            wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True,
+                       config=asdict(args), name=run_name, save_code=True)
+        writer = SummaryWriter(output_dir, purge_step=state["step"] + 1 if args.resume else None)
+        table = "\n".join(f"|{key}|{value}|" for key, value in asdict(args).items())
+        writer.add_text("hyperparameters", f"|param|value|\n|-|-|\n{table}")
+        metrics_path = os.path.join(output_dir, "metrics.jsonl")
+        kept = [line for line in open(metrics_path) if json.loads(line)["step"] <= state["step"]] if args.resume else []
+        metrics_file = open(metrics_path, "w")
+        metrics_file.writelines(kept)
+        print(f"{run_name}: {len(train_rows)} train and {len(eval_rows)} test rows; {total_steps} steps of "
+              f"{global_batch_size} rows ({world_size} processes x {micro_batch_size} x {accumulation}) on {device}; "
+              + (f"resuming after step {state['step']}" if args.resume else f"writing to {output_dir}"))
+    if dist.is_initialized():
+        dist.barrier()
 
     # training: each step takes one global batch; micro-batch m of process r is its slice m * world_size + r
-    batches = global_batches(len(train_rows), global_batch_size, args.seed)
-    sums, count = {}, torch.zeros((), device=device)
-    train_metrics, eval_metrics = {}, {}
-    progress = tqdm(range(1, total_steps + 1), disable=not is_main, dynamic_ncols=True)
+    batches = itertools.islice(global_batches(len(train_rows), global_batch_size, args.seed), state["step"], None)
+    sums, count, train_metrics, eval_metrics = state["sums"], state["count"], state["train_metrics"], state["eval_metrics"]
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, note_signal)
+    progress = tqdm(range(state["step"] + 1, total_steps + 1), disable=not is_main, dynamic_ncols=True)
     for step in progress:
         indices = next(batches)
         for micro_step in range(accumulation):
             group = indices[micro_step * world_size * micro_batch_size :][: world_size * micro_batch_size]
-            shifted = mismatched_partners(group)  # one micro-batch of all processes' examples shares one z0
-            start = rank * micro_batch_size
-            rows = [train_rows[i] for i in group[start : start + micro_batch_size]]
-            partners = [train_rows[i] for i in shifted[start : start + micro_batch_size]]
-            batch = {k: v.to(device) for k, v in collate(rows, partners, pad_token_id, args.max_length).items()}
+            start = rank * micro_batch_size  # all processes' rows of a micro-step form one micro-batch: one z0
+            rows = micro_batch(train_rows, group, slice(start, start + micro_batch_size), args.max_length)
+            batch = {k: v.to(device) for k, v in collate(rows, pad_token_id).items()}
             # DDP all-reduces on the last backward only; FSDP reduce-scatters on each (its gradients are sharded)
             syncing = micro_step == accumulation - 1 or world_size == 1 or args.fsdp
             with nullcontext() if syncing else model.no_sync():
@@ -777,7 +880,7 @@ if __name__ == "__main__":
 
         logs = {}
         if step % args.logging_steps == 0 or step == total_steps:
-            train_metrics = {f"train/{k}": v for k, v in mean_over_ranks(sums, count).items()}
+            train_metrics = {f"train/{k}": v for k, v in class_means(sums, count).items()}
             train_metrics.update({"train/learning_rate": learning_rate, "train/grad_norm": grad_norm.item(),
                                   "train/epoch": step / steps_per_epoch})
             logs.update(train_metrics)
@@ -794,6 +897,19 @@ if __name__ == "__main__":
                 writer.add_scalar(key, value, step)
             metrics_file.write(json.dumps({"step": step, **logs}) + "\n")
             metrics_file.flush()
+        stop = torch.tensor(float(len(SIGNALS)), device=device)
+        if dist.is_initialized():
+            dist.all_reduce(stop, op=dist.ReduceOp.MAX)  # every process stops after the same step
+        if stop or (args.save_steps > 0 and step % args.save_steps == 0):
+            state = {"step": step, "sums": sums, "count": count, "train_metrics": train_metrics, "eval_metrics": eval_metrics}
+            save_checkpoint(output_dir, step, policy, optimizer, scheduler, state, args)
+        if stop:
+            if is_main:
+                print(f"stopped by a signal after step {step} of {total_steps}, checkpoint saved: continue with "
+                      f"--resume --output-dir {output_dir}")
+            if dist.is_initialized():
+                dist.destroy_process_group()
+            sys.exit(128 + (SIGNALS or [signal.SIGTERM])[0])
 
     # save and summarise; under FSDP every process takes part in gathering the full state dict onto rank 0
     state_dict = None
@@ -810,8 +926,6 @@ if __name__ == "__main__":
                         f", eval/rewards/margins {eval_metrics['eval/rewards/margins']:.3f}")
         print(f"{run_name} done in {time.time() - start_time:.0f}s: {summary}; policy saved to {output_dir}")
         if args.lora:
-            print(f"{output_dir} holds the LoRA adapter, not the full model: with peft installed, "
-                  f"AutoModelForCausalLM.from_pretrained({output_dir!r}) loads the base model and the adapter; "
-                  "peft.AutoPeftModelForCausalLM too, and its merge_and_unload() gives a plain model")
+            print(f"{output_dir} holds the LoRA adapter: with peft installed, from_pretrained loads base and adapter")
     if dist.is_initialized():
         dist.destroy_process_group()
