@@ -1,0 +1,68 @@
+"""algos/sft.py beyond its golden values: the tokens it learns from (chosen only, prompt and padding masked), the
+loss of a whole batch through the model against a plain token-level cross-entropy, and its data errors, on a tiny
+character tokenizer and a random Llama built here. The loss is pinned by tests/golden/sft.sft_loss.json, the whole
+script by tests/test_runs.py; the plumbing shared with dpo.py by tests/test_dpo.py and tests/test_template.py."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from datasets import Dataset
+from tokenizers import Tokenizer, models, processors
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from algos.sft import Args, collate, compute_loss, prepare_dataset, sft_loss
+
+EXAMPLES = [
+    {"prompt": "Q: (1+2)*3\n", "chosen": "1 + 2 = 3\n3 * 3 = 9\nAnswer: 9", "rejected": "Answer: 8"},
+    {"prompt": "Q: 7\n", "chosen": "Answer: 7", "rejected": "7 = 7\nAnswer: 6"},
+    {"prompt": "Q: 2*2\n", "chosen": "2 * 2 = 4\nAnswer: 4", "rejected": "2 * 2 = 5\nAnswer: 5"},
+]
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    chars = dict.fromkeys("0123456789+-*()=: \nQAnswer")
+    vocab = {token: i for i, token in enumerate(["<pad>", "<s>", "</s>", "<unk>", *chars])}
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    backend.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                                   unk_token="<unk>")
+
+
+@pytest.fixture(scope="module")
+def model(tokenizer):
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id)
+    return LlamaForCausalLM(config).eval()
+
+
+def test_rows_hold_the_prompt_and_the_chosen_completion_only(tokenizer):
+    rows = prepare_dataset(Dataset.from_list(EXAMPLES), tokenizer, len(tokenizer), Args())
+    ids = tokenizer(EXAMPLES[1]["chosen"], add_special_tokens=False)["input_ids"]
+    assert rows[1]["chosen_ids"] == ids + [tokenizer.eos_token_id] and "rejected_ids" not in rows[1]
+    without_rejected = [{k: v for k, v in e.items() if k != "rejected"} for e in EXAMPLES]  # SFT data works too
+    assert prepare_dataset(Dataset.from_list(without_rejected), tokenizer, len(tokenizer), Args()) == rows
+    with pytest.raises(ValueError, match=r"lacks the column\(s\) \['chosen'\]"):
+        prepare_dataset(Dataset.from_list([{"prompt": "Q: 1\n", "completion": "1"}]), tokenizer, 100, Args())
+
+
+def test_loss_is_the_token_level_cross_entropy_of_the_chosen_completions(tokenizer, model):
+    rows = prepare_dataset(Dataset.from_list(EXAMPLES), tokenizer, len(tokenizer), Args())
+    batch = collate(rows, tokenizer.pad_token_id)
+    loss, metrics = compute_loss(model, batch, Args())
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.double()
+    expected = F.cross_entropy(logits[:, :-1].flatten(0, 1), batch["labels"][:, 1:].flatten(), ignore_index=-100)
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    assert metrics["loss"].item() == pytest.approx(len(rows) * expected.item(), rel=1e-5)  # sums over rows
+    lengths = [len(r["chosen_ids"]) for r in rows]
+    assert metrics["lengths/chosen"].item() == sum(lengths)
+    assert (batch["labels"] != -100).sum().item() == sum(lengths)  # prompt and padding masked
+
+
+def test_the_loss_function_needs_no_hyperparameter():
+    logps = torch.tensor([-6.0, -2.0], requires_grad=True)
+    losses = sft_loss(logps, torch.tensor([3, 1]))
+    assert losses.tolist() == [3.0, 1.0] and losses.mean().item() == 2.0  # 8 nats over 4 tokens
