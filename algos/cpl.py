@@ -1,92 +1,25 @@
 """Contrastive Preference Learning (CPL), in one file.
 
-Paper: Hejna, Rafailov, Sikchi, Finn, Niekum, Knox, Sadigh, "Contrastive Preference Learning: Learning from
-Human Feedback without RL", ICLR 2024, arXiv:2310.13639. Code: jhejna/cpl (robot control).
+Hejna et al., "Contrastive Preference Learning: Learning from Human Feedback without RL", ICLR 2024,
+arXiv:2310.13639. No reference model: a completion y scores A(y) = α·Σ_t γ^t log π(y_t | x, y_<t); for yw ≻ yl,
+    loss = -log σ(A(yw) - λ·A(yl)) - bc_coef·(1/|yw|)·Σ_t log π(yw_t | x, yw_<t)    (λ: the conservative bias)
+Data: prompt, chosen, rejected (strings or lists of messages; TRL's formats).
 
-Idea. Model human preferences by regret, not by reward: a segment is preferred in proportion to the
-exponentiated discounted sum of its optimal advantages. Under maximum-entropy RL with temperature α, the
-optimal advantage is A*(s, a) = α·log π*(a|s), a bijection between advantages and the optimal policy, so
-the preference likelihood can be written with the policy itself and fitted by supervised, contrastive
-learning: no reward model, no RL, no reference model, one forward pass per pair.
-
-Loss, in its language-model form: a state s_t is the prompt x with the completion's first t tokens, an
-action a_t is the completion's next token, and a segment σ is a whole completion (EOS included). With
-A(σ) = α·Σ_t γ^t log π(a_t | s_t) summed over the completion tokens (prompt and padding masked), t counting
-from 0 at the first completion token, and for a pair (x, yw ≻ yl):
-    loss = -log [ e^{A(yw)} / (e^{A(yw)} + e^{λ·A(yl)}) ] = -log σ(A(yw) - λ·A(yl))
-           - bc_coef·(1/|yw|)·Σ_t log π(yw_t | x, yw_<t)          averaged over the pairs of the batch
-α scales both scores, γ discounts later tokens within a segment, and λ (the conservative bias, in (0, 1])
-scales only the dispreferred segment's score. Scores are ≤ 0, so the loss is -log σ(A(yw) + λ·|A(yl)|):
-raising the preferred completion's likelihood pays at full rate, pushing the dispreferred one down only at
-rate λ. Among the many optima of the plain objective (λ = 1, where only the difference counts) this favours
-those that keep likelihood on the data, in distribution (the paper's conservative CPL(λ), the first line).
-With λ = 1, γ = 1 and no BC term the loss is a logistic loss on α·(logp(yw) - logp(yl)): DPO's loss with
-β = α and no reference model. The BC term is the paper's CPL-BC regulariser, here a per-token mean.
-
-Run (from anywhere; the defaults point at the bundled task in benchmarks/arith/):
-    python algos/cpl.py                                  # 1 process, CPU or one GPU
+    python algos/cpl.py                                                        # the bundled task, CPU, minutes
     torchrun --nproc_per_node 2 algos/cpl.py --per-device-train-batch-size 4   # same global batch
-    torchrun --nproc_per_node 2 algos/cpl.py --fsdp --lora --fused-linear   # shard, adapters, no full logits
-    python benchmarks/arith/evaluate.py runs/<run_name>  # held-out accuracy of the saved policy
-    python algos/cpl.py --model-name-or-path Qwen/Qwen2.5-0.5B-Instruct \\
-        --dataset-name trl-lib/ultrafeedback_binarized --alpha 0.1 --learning-rate 5e-7 \\
-        --per-device-train-batch-size 4 --gradient-accumulation-steps 8 --num-train-epochs 1 \\
-        --max-length 1024 --bf16 --gradient-checkpointing --eval-steps 500 --logging-steps 10
 
-Deviations from the paper (and its code, jhejna/cpl, written for robot control):
-1. Optimiser: AdamW with linear warm-up then linear decay (TRL's default) instead of Adam at a constant
-   rate after a linear warm-up (learning rate 1e-4 over 10k warm-up steps in the official configs).
-2. Segments are whole completions of any length, all sharing their prompt; the paper compares fixed-length
-   segments (64 steps) of robot trajectories. Sums over longer completions are more negative, so with no
-   reference model the scores carry a length bias that equal-length segments do not have.
-3. Where t starts: here at 0 on the first completion token; the paper writes segments as s_1, a_1, ...,
-   which with γ^t from t = 1 multiplies both scores by γ, i.e. is α·γ in place of α. The official code sums
-   without any discount (γ = 1, the default here).
-4. The BC term is the per-token mean of -log π over the chosen completion, averaged over the pairs. The
-   official code takes a flat mean over all tokens of all segments of the batch (`bc_data: all`, the
-   rejected ones too; `pos`: only the preferred), which is the same as ours for equal-length preferred
-   segments only; a mean per completion keeps every pair's weight independent of how the batch is split.
-   The official configs also first train BC alone for 200k steps, then CPL with a fresh optimiser; here the
-   start model (`--model-name-or-path`, already trained on the task) plays that role.
-5. Only pairs: the official code can also train on a batch of scored segments (every pair ordered by score).
-6. Tokens as in dpo.py: prompt and completion are tokenized separately, the prompt gets the tokenizer's
-   BOS once, each completion gets EOS once; the prompt is truncated to `--max-prompt-length`
-   (`--truncation-mode`), then each completion is cut to fit `--max-length`; an example whose prompt
-   leaves no room for a completion token is an error, never silently dropped.
-7. Each epoch is a fresh seeded permutation cut into global batches; the last incomplete global batch
-   is dropped so that every step sees the same number of pairs on any number of processes.
-
-Defaults: chosen for the bundled task (its `pairs` files, 1689 training pairs) by a small sweep: one process,
-seed 1, then `python benchmarks/arith/evaluate.py` (256 held-out prompts; sampled = 8 samples each at
-temperature 1). The base model: greedy accuracy 0.602, sampled 0.319. Train times with two runs sharing the
-2-core CPU:
-    flags                                             greedy  sampled  KL    time
-    (defaults: α 0.1, λ 0.5, BC 1, lr 5e-4, 2 epochs)  0.746   0.614    1.57  108 s
-    --num-train-epochs 1                              0.711   0.536    1.23  66 s
-    --bc-coef 0 (as the official CPL config)          0.648   0.527    2.10  114 s
-With no reference model, only the BC term and the conservative bias keep likelihood on the data; the BC term
-pulls it onto the verified completions, which is what sampling at temperature 1 rewards here. The rate is far
-above the official 1e-4 because this ~0.9M-parameter model must move within two epochs.
-
-Logged metrics (TRL's names; `train/` every `--logging-steps` steps, averaged over the pairs seen since
-the last log and over all processes; `eval/` over the whole held-out split):
-    loss                 the CPL loss above, BC term included
-    rewards/chosen       mean A(yw) = α·Σ_t γ^t log π(yw_t | ...), the score (advantage sum) of the chosen
-    rewards/rejected     mean A(yl), without λ
-    rewards/margins      mean A(yw) - A(yl)
-    rewards/accuracies   fraction of pairs with A(yw) > A(yl) (unbiased, as the official code's accuracy)
-    logps/chosen         mean Σ_t γ^t log π(yw_t | ...) (logp(yw) when γ = 1); logps/rejected alike
-    nll_loss             mean over pairs of -(1/|yw|)·Σ_t log π(yw_t | ...), the BC term before bc_coef
-    learning_rate, grad_norm (before clipping), epoch
-Everything goes to TensorBoard under runs/<run_name>/ (and W&B with --track), to runs/<run_name>/
-metrics.jsonl (one JSON object per logged step), to the progress bar, and into a final summary line.
-The trained model (with --lora: the adapter) and tokenizer are saved with save_pretrained into the same directory.
+Usage, metrics, implementation details, defaults and results: docs/algos/cpl.md; conventions shared by every
+script (tokens, batches, logging, checkpoints, scaling flags): docs/conventions.md.
 """
 
 import itertools
 import json
 import os
 import random
+import re
+import secrets
+import shutil
+import signal
 import sys
 import time
 from contextlib import nullcontext
@@ -97,17 +30,19 @@ import datasets
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
 import torch.nn.functional as F
 import transformers
 import tyro
 from datasets import Dataset, load_dataset
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_state_dict, set_state_dict
 from torch.distributed.fsdp import fully_shard
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
-from transformers import AutoModelForCausalLM, AutoTokenizer, get_scheduler
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, get_scheduler
 
+SIGNALS = []  # the signals received, see note_signal
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)  # `kernels` lives at the repository root, next to algos/
 from kernels import linear_logprobs, logprobs  # noqa: E402
@@ -132,21 +67,32 @@ class Args:
     wandb_entity: str | None = None
     """the W&B entity (team)"""
     output_dir: str | None = None
-    """where logs, metrics.jsonl and the trained model go; default runs/<run_name>"""
+    """where logs, metrics.jsonl, checkpoints and the trained model go; default runs/<run_name>"""
+    overwrite: bool = False
+    """if toggled, start afresh in a non-empty --output-dir (its contents are deleted once model and data load)"""
+    resume: bool = False
+    """if toggled, continue from the newest complete checkpoint in --output-dir"""
+    save_steps: int = 500
+    """write a checkpoint every this many optimiser steps (0: never); SIGTERM and Ctrl-C also write one"""
+    save_total_limit: int = 2
+    """keep only the newest this many checkpoints"""
 
     model_name_or_path: str = os.path.join(REPO, "benchmarks/arith/model")
-    """the policy to train: a hub id or a local directory"""
+    """the policy to train and the frozen reference: a hub id or a local directory"""
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     """dtype of the weights (and AdamW state); keep float32 and use --bf16 for mixed precision"""
     bf16: bool = False
     """if toggled, run forward passes under bfloat16 autocast (GPU)"""
     gradient_checkpointing: bool = False
     """if toggled, recompute activations in the backward pass to save memory"""
+    disable_dropout: bool = True
+    """if toggled, set every dropout of the loaded models to 0 (before LoRA, whose own dropout stays)"""
     fsdp: bool = False
-    """if toggled, shard the policy over the processes with FSDP2 (each decoder layer, then
-    the root) instead of replicating it with DDP; needs torchrun (--nproc_per_node 1 for one process)"""
+    """if toggled, shard the policy and the reference over the processes with FSDP2 (each decoder layer, then
+    the root) instead of replicating them with DDP; needs torchrun (--nproc_per_node 1 for one process)"""
     lora: bool = False
-    """if toggled, train LoRA adapters (peft) instead of all weights; the adapter is what gets saved"""
+    """if toggled, train LoRA adapters (peft) instead of all weights; the reference is then the base model
+    with the adapters disabled (no second copy), and the adapter is what gets saved"""
     lora_r: int = 16
     """the rank of the LoRA updates"""
     lora_alpha: int = 32
@@ -154,13 +100,14 @@ class Args:
     lora_dropout: float = 0.0
     """dropout on the input of the LoRA updates"""
     lora_target_modules: tuple[str, ...] = ("all-linear",)
-    """the module names that get adapters (e.g. q_proj v_proj), or all-linear: every linear layer but lm_head"""
+    """the module names that get adapters (e.g. q_proj v_proj), or all-linear: every linear layer but lm_head
+    (not the routed experts of mixture-of-experts models, whose weights are not linear layers)"""
     fused_linear: bool = False
     """if toggled, get the log-probs from the last hidden states and lm_head's weight chunk by chunk
     (kernels.linear_logprobs), never holding the full logits: less memory for large vocabularies"""
 
     dataset_name: str = os.path.join(REPO, "benchmarks/arith/data/pairs_{split}.jsonl")
-    """a hub id or a local .json/.jsonl/.parquet file; `{split}` in a file name is replaced by the split
+    """a hub id or a local .json/.jsonl/.csv/.parquet file; `{split}` in a file name is replaced by the split
     (a local file without it has only a training split, so no evaluation)"""
     dataset_config: str | None = None
     """the hub dataset's configuration name, if it has several"""
@@ -169,11 +116,11 @@ class Args:
     dataset_test_split: str | None = "test"
     """the split to evaluate on; None to skip evaluation"""
     max_length: int = 1024
-    """maximum tokens of prompt + completion; completions are cut at the end to fit"""
+    """maximum tokens of prompt + completion (at most the model's positions); completions are cut at the end"""
     max_prompt_length: int = 512
     """maximum tokens of the prompt, cut according to --truncation-mode"""
     truncation_mode: Literal["keep_end", "keep_start"] = "keep_end"
-    """which part of a too-long prompt to keep: its end (next to the completion) or its start"""
+    """which part of a too-long prompt to keep: its end (next to the completion; BOS stays) or its start"""
 
     learning_rate: float = 5e-4
     """AdamW learning rate after warm-up"""
@@ -184,11 +131,11 @@ class Args:
     max_grad_norm: float = 1.0
     """clip the global gradient norm to this (inf: no clipping)"""
     per_device_train_batch_size: int = 8
-    """pairs per process per micro-batch; global batch = this x processes x accumulation steps"""
+    """rows per process per micro-batch; global batch = this x processes x accumulation steps"""
     gradient_accumulation_steps: int = 1
     """micro-batches accumulated into one optimiser step"""
     per_device_eval_batch_size: int = 32
-    """pairs per process per evaluation batch"""
+    """rows per process per evaluation batch"""
     num_train_epochs: int = 2
     """passes over the training split (ignored when --max-steps is set)"""
     max_steps: int | None = None
@@ -207,33 +154,22 @@ class Args:
     bc_coef: float = 1.0
     """weight of the behaviour-cloning term, -mean log π over the chosen completion's tokens (0: none; CPL-BC)"""
 
-    def __post_init__(self):
-        for name, low, high in (("alpha", 0, None), ("conservative_bias", 0, 1), ("discount", 0, 1)):
-            value = getattr(self, name)
-            if not (value > low and (high is None or value <= high)):
-                allowed = f"> {low}" if high is None else f"in ({low}, {high}]"
-                raise ValueError(f"--{name.replace('_', '-')} is {value}: it must be {allowed}")
-        if self.bc_coef < 0:
-            raise ValueError(f"--bc-coef is {self.bc_coef}: it must be >= 0 (0 turns the BC term off)")
-
 
 def cpl_loss(
     policy_chosen_logps: torch.Tensor,
     policy_rejected_logps: torch.Tensor,
     policy_chosen_mean_logps: torch.Tensor,
     alpha: float,
-    conservative_bias: float = 1.0,
+    conservative_bias: float = 0.5,
     bc_coef: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The CPL loss of each pair, and the segment scores.
 
-    Inputs are (B,): the discounted sums Σ_t γ^t log π(a_t|s_t) over the tokens of the chosen and of the
-    rejected completion (γ is applied by `batch_logps`), and the chosen completion's mean log-prob per token.
-    With the scores A+ = α·policy_chosen and A- = α·policy_rejected, and λ = conservative_bias,
-        loss = -log [e^{A+} / (e^{A+} + e^{λ·A-})] - bc_coef·policy_chosen_mean
-             = -log σ(A+ - λ·A-) - bc_coef·policy_chosen_mean
-    returns (losses, chosen_scores, rejected_scores), each (B,): the per-pair losses (differentiable) and
-    the scores A+ and A- (detached, unbiased: λ enters the loss only).
+    Inputs are (B,): the sums Σ_t γ^t log π(a_t|s_t) over the tokens of the chosen and of the rejected completion,
+    and the chosen one's mean log-prob per token. With A+ = α·policy_chosen, A- = α·policy_rejected and
+        loss = -log [e^{A+} / (e^{A+} + e^{λ·A-})] - bc_coef·policy_chosen_mean        (λ = conservative_bias)
+    returns (losses, chosen_rewards, rejected_rewards), each (B,): the per-pair losses (differentiable)
+    and the segment scores A+ and A- (detached, unbiased: λ enters the loss only).
     """
     chosen_scores = alpha * policy_chosen_logps
     rejected_scores = alpha * policy_rejected_logps
@@ -241,11 +177,145 @@ def cpl_loss(
     return losses, chosen_scores.detach(), rejected_scores.detach()
 
 
+def algorithm_checks(args: Args) -> list[tuple[str, bool, str]]:
+    """This script's own flags for check_args: (flag, whether its value is valid, the valid range)."""
+    return [("alpha", args.alpha > 0, "> 0"), ("conservative-bias", 0 < args.conservative_bias <= 1, "in (0, 1]"),
+            ("discount", 0 < args.discount <= 1, "in (0, 1]"), ("bc-coef", args.bc_coef >= 0, ">= 0 (0: no BC term)")]
+
+
+COLUMNS = ["prompt", "chosen", "rejected"]  # what a row needs (TRL's preference format)
+
+
+def tokenize_row(example: dict, tokenizer, args: Args) -> dict:
+    """A preference row, standard or conversational -> token ids of prompt, chosen and rejected, with the flags
+    that prepare_dataset counts: truncated, unknown (a token the tokenizer could not map), identical."""
+    example = extract_prompt(example)
+    prompt, *completions = text_columns(example, COLUMNS)
+    if not isinstance(prompt, str):
+        prompt, completions = apply_chat_template(tokenizer, prompt, completions)
+    prompt_ids = tokenize_prompt(tokenizer, prompt)
+    completions_ids = [tokenize_completion(tokenizer, text) for text in completions]
+    lengths = [len(prompt_ids)] + [len(ids) for ids in completions_ids]
+    prompt_ids, (chosen_ids, rejected_ids) = truncate(prompt_ids, completions_ids, tokenizer.bos_token_id, args)
+    return {"prompt_ids": prompt_ids, "chosen_ids": chosen_ids, "rejected_ids": rejected_ids,
+            "truncated": [len(prompt_ids), len(chosen_ids), len(rejected_ids)] != lengths,
+            "unknown": tokenizer.unk_token_id in prompt_ids + chosen_ids + rejected_ids,
+            "identical": chosen_ids == rejected_ids}
+
+
+def collate(rows: list[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """B rows -> 2B right-padded sequences, the chosen ones first: input_ids, attention_mask, labels (2B, T),
+    labels being the input ids on completion tokens and -100 on prompt and padding; plus the (B,)
+    reference log-probs when the rows carry them."""
+    sequences, labels = [], []
+    for key in ("chosen_ids", "rejected_ids"):
+        for row in rows:
+            sequences.append(row["prompt_ids"] + row[key])
+            labels.append([-100] * len(row["prompt_ids"]) + row[key])
+    length = max(map(len, sequences))
+    batch = {
+        "input_ids": torch.tensor([s + [pad_token_id] * (length - len(s)) for s in sequences]),
+        "attention_mask": torch.tensor([[1] * len(s) + [0] * (length - len(s)) for s in sequences]),
+        "labels": torch.tensor([s + [-100] * (length - len(s)) for s in labels]),
+    }
+    for key in ("reference_chosen_logps", "reference_rejected_logps"):
+        if key in rows[0]:
+            batch[key] = torch.tensor([row[key] for row in rows])
+    return batch
+
+
+def concatenated_forward(model, batch: dict, fused_linear: bool = False, discount: float = 1.0):
+    """Chosen and rejected in one forward pass: the (B,) sums of γ^t·log π(y_t | x, y_<t) over the completion tokens
+    of each (t from 0 at the first one; γ = discount), the (B,) mean log-prob per token of the chosen, and the router's
+    auxiliary loss (0 for dense models)."""
+    logits, aux_loss = forward_logits(model, batch["input_ids"], batch["attention_mask"], fused_linear)
+    token_logps, completion = shifted_logprobs(logits, batch["labels"]), batch["labels"][:, 1:] != -100
+    chosen, rejected = (token_logps * discount ** (completion.cumsum(-1) - 1).clamp(min=0)).sum(-1).chunk(2)
+    return chosen, rejected, (token_logps.sum(-1) / completion.sum(-1)).chunk(2)[0], aux_loss
+
+
+def compute_loss(model, batch: dict, args: Args) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The mean loss of a batch, and the sums over its rows of the logged metrics."""
+    policy_chosen_logps, policy_rejected_logps, chosen_mean_logps, aux_loss = concatenated_forward(
+        model, batch, args.fused_linear, args.discount
+    )
+    losses, chosen_rewards, rejected_rewards = cpl_loss(
+        policy_chosen_logps, policy_rejected_logps, chosen_mean_logps, args.alpha, args.conservative_bias, args.bc_coef,
+    )
+    metrics = {
+        "loss": losses.detach().sum(),
+        "rewards/chosen": chosen_rewards.sum(),
+        "rewards/rejected": rejected_rewards.sum(),
+        "rewards/margins": (chosen_rewards - rejected_rewards).sum(),
+        "rewards/accuracies": (chosen_rewards > rejected_rewards).float().sum(),
+        "logps/chosen": policy_chosen_logps.detach().sum(),
+        "logps/rejected": policy_rejected_logps.detach().sum(),
+        "nll_loss": -chosen_mean_logps.detach().sum(),
+    }
+    return losses.mean() + aux_loss, metrics
+
+
+@torch.no_grad()
+def evaluate(policy, rows: list[dict], args: Args, pad_token_id, device, autocast) -> dict[str, float]:
+    """eval/ metrics over all rows, each process taking every world_size-th row."""
+    policy.eval()
+    sums, count = {}, torch.zeros((), device=device)
+    rank, world_size = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    mine = rows[rank::world_size]
+    for start in range(0, len(mine), args.per_device_eval_batch_size):
+        chunk = mine[start : start + args.per_device_eval_batch_size]
+        batch = {k: v.to(device) for k, v in collate(chunk, pad_token_id).items()}
+        with autocast:
+            _, metrics = compute_loss(policy, batch, args)
+        sums = {k: sums.get(k, 0) + v for k, v in metrics.items()}
+        count += len(chunk)
+    policy.train()
+    return {f"eval/{k}": v for k, v in mean_over_ranks(sums, count).items()}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Plumbing: every function below is the same, byte for byte, in every script that uses it (tests/test_template.py)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def check_args(args: Args) -> None:
+    """Every flag, checked before anything is loaded or written: one error naming each bad flag and its range."""
+    at_least = {"per_device_train_batch_size": 1, "gradient_accumulation_steps": 1, "per_device_eval_batch_size": 1,
+                "num_train_epochs": 1, "max_steps": 1, "logging_steps": 1, "eval_steps": 0, "save_steps": 0,
+                "save_total_limit": 1, "max_length": 1, "max_prompt_length": 1, "lora_r": 1, "threads": 1}
+    checks = [(name.replace("_", "-"), getattr(args, name) is None or getattr(args, name) >= low, f">= {low}")
+              for name, low in at_least.items()]
+    checks += [("learning-rate", args.learning_rate > 0, "> 0"), ("max-grad-norm", args.max_grad_norm > 0, "> 0"),
+               ("warmup-ratio", 0 <= args.warmup_ratio <= 1, "in [0, 1]"),
+               ("lora-dropout", 0 <= args.lora_dropout < 1, "in [0, 1)")] + algorithm_checks(args)
+    problems = [f"--{flag} {getattr(args, flag.replace('-', '_'))}: must be {valid_range}"
+                for flag, valid, valid_range in checks if not valid]
+    path = args.model_name_or_path
+    if (os.path.isabs(path) or path.startswith((".", "~")) or path.count("/") > 1) and not os.path.isdir(path):
+        problems.append(f"--model-name-or-path: no model at {path} (a local directory, or a hub id like org/name)")
+    if args.fsdp and "RANK" not in os.environ:
+        problems.append("--fsdp shards over the processes torchrun starts: launch with torchrun (--nproc_per_node 1 "
+                        "for one process)")
+    if args.resume and args.overwrite:
+        problems.append("--resume continues the run in --output-dir, --overwrite deletes it: choose one")
+    elif args.resume and (args.output_dir is None or latest_checkpoint(args.output_dir) is None):
+        problems.append(f"--resume: no complete checkpoint-<step> in --output-dir {args.output_dir} to continue from")
+    elif args.resume:
+        saved = json.load(open(os.path.join(latest_checkpoint(args.output_dir), "checkpoint.json")))["world_size"]
+        if saved != int(os.environ.get("WORLD_SIZE", "1")):
+            problems.append(f"--resume: the checkpoint was written by {saved} processes: resume with as many")
+    elif args.output_dir and os.path.isdir(args.output_dir) and os.listdir(args.output_dir) and not args.overwrite:
+        problems.append(f"--output-dir {args.output_dir} is not empty: pass --resume to continue its run, --overwrite "
+                        "to start afresh (deleting it), or choose another directory")
+    if problems:
+        raise ValueError("invalid arguments:\n  " + "\n  ".join(problems))
+
+
 def load_splits(name: str, config: str | None, train_split: str, test_split: str | None):
-    """(train, test or None): splits of a hub dataset, or local .json/.jsonl/.parquet files where `{split}`
-    in the name is replaced by the split (a file name without it is the training data only: no test)."""
+    """(train, test or None): splits of a hub dataset, or local .json/.jsonl/.csv/.parquet files where `{split}` in
+    the name is replaced by the split (a file name without it is the training data only: no test)."""
     extension = os.path.splitext(name)[1]
-    if extension not in (".json", ".jsonl", ".parquet"):
+    if extension not in (".json", ".jsonl", ".csv", ".parquet"):
         test = load_dataset(name, config, split=test_split) if test_split else None
         return load_dataset(name, config, split=train_split), test
 
@@ -253,14 +323,67 @@ def load_splits(name: str, config: str | None, train_split: str, test_split: str
         path = name.replace("{split}", split)
         if not os.path.isfile(path):
             raise FileNotFoundError(f"no dataset file {path} (--dataset-name {name}, split {split})")
-        return load_dataset("parquet" if extension == ".parquet" else "json", data_files=path, split="train")
+        if extension not in (".json", ".jsonl"):
+            return load_dataset(extension[1:], data_files=path, split="train")
+        records, kinds = read_json_records(path), {}
+        try:
+            return Dataset.from_list(records)
+        except (TypeError, ValueError):  # pyarrow: a column whose rows hold values of different types
+            for i, record in enumerate(records):
+                for column, value in record.items():
+                    if value is not None and kinds.setdefault(column, type(value)) is not type(value):
+                        raise ValueError(f"{path}, row {i}: column {column!r} holds {value!r:.80}, a "
+                                         f"{type(value).__name__}, where other rows hold a {kinds[column].__name__}")
+            raise
 
     return load_file(train_split), (load_file(test_split) if test_split and "{split}" in name else None)
+
+
+def read_json_records(path: str) -> list[dict]:
+    """The rows of a JSON file (a list of objects) or a JSON Lines one (an object per line), with an error naming
+    the file and line of invalid JSON."""
+    with open(path, encoding="utf-8") as file:
+        text = file.read()
+    documents = [(1, text)] if text.lstrip().startswith("[") else enumerate(text.splitlines(), 1)
+    records = []
+    for first_line, document in documents:
+        try:
+            value = json.loads(document) if document.strip() else []
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path}, line {first_line + error.lineno - 1}: invalid JSON ({error.msg})") from None
+        records += value if isinstance(value, list) else [value]
+    if not all(isinstance(record, dict) for record in records):
+        raise ValueError(f"{path}: expected one JSON object per row")
+    return records
 
 
 def is_conversational(value) -> bool:
     """TRL's conversational format: a list of {"role": ..., "content": ...} messages."""
     return isinstance(value, list) and len(value) > 0 and isinstance(value[0], dict) and "role" in value[0]
+
+
+def text_columns(example: dict, columns: list[str]) -> list:
+    """The values of a row's text columns, checked: all strings, or all lists of messages."""
+    values = [example[column] for column in columns]
+    for column, value in zip(columns, values):
+        if not isinstance(value, str) and not is_conversational(value):
+            raise ValueError(f"column {column!r} holds {value!r:.80} ({type(value).__name__}): expected a string or a "
+                             'list of {"role": ..., "content": ...} messages; fix or drop the row')
+    if len({isinstance(value, str) for value in values}) > 1:
+        raise ValueError(f"the columns {columns} mix strings and lists of messages: use one format")
+    return values
+
+
+def extract_prompt(example: dict) -> dict:
+    """TRL's implicit-prompt format (chosen and rejected are whole conversations, no conversational prompt
+    column): the leading messages they share become the prompt."""
+    chosen, rejected = example["chosen"], example["rejected"]
+    if not is_conversational(chosen) or not is_conversational(rejected) or is_conversational(example.get("prompt")):
+        return example
+    shared = 0
+    while shared < min(len(chosen), len(rejected)) and chosen[shared] == rejected[shared]:
+        shared += 1
+    return {**example, "prompt": chosen[:shared], "chosen": chosen[shared:], "rejected": rejected[shared:]}
 
 
 def apply_chat_template(tokenizer, prompt: list, completions: list[list]) -> tuple[str, list[str]]:
@@ -272,8 +395,6 @@ def apply_chat_template(tokenizer, prompt: list, completions: list[list]) -> tup
     prompt_text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
     texts = []
     for completion in completions:
-        if not is_conversational(completion):
-            raise ValueError("the prompt is a list of messages but a completion is not: use one format")
         text = tokenizer.apply_chat_template(prompt + completion, tokenize=False)
         if not text.startswith(prompt_text):
             raise ValueError(f"the chat template does not render the prompt {prompt_text!r} as a prefix of "
@@ -302,137 +423,71 @@ def tokenize_completion(tokenizer, text: str, add_eos: bool = True) -> list[int]
     return ids
 
 
-def truncate(prompt_ids: list[int], completions_ids: list[list[int]], max_length, max_prompt_length, truncation_mode):
-    """Cut the prompt to max_prompt_length tokens (keep_end keeps its end, keep_start its start), then each
-    completion at its end to fit max_length. Raises if not even one completion token fits."""
-    if len(prompt_ids) > max_prompt_length:
-        keep_end = truncation_mode == "keep_end"
-        prompt_ids = prompt_ids[-max_prompt_length:] if keep_end else prompt_ids[:max_prompt_length]
-    room = max_length - len(prompt_ids)
+def truncate(prompt_ids: list[int], completions_ids: list[list[int]], bos_token_id: int | None, args: Args):
+    """Cut the prompt to --max-prompt-length tokens (keep_end keeps its end and its leading BOS, keep_start its
+    start), then each completion at its end to fit --max-length. Raises if not even one completion token fits."""
+    if len(prompt_ids) > args.max_prompt_length and args.truncation_mode == "keep_start":
+        prompt_ids = prompt_ids[: args.max_prompt_length]
+    elif len(prompt_ids) > args.max_prompt_length:
+        bos = prompt_ids[:1] if bos_token_id is not None and prompt_ids[:1] == [bos_token_id] else []
+        prompt_ids = bos + prompt_ids[len(prompt_ids) - args.max_prompt_length + len(bos) :]
+    room = args.max_length - len(prompt_ids)
     if room < 1:
         raise ValueError(f"the prompt takes {len(prompt_ids)} tokens, which leaves no room for the completion "
-                         f"within --max-length {max_length}: lower --max-prompt-length or raise --max-length")
+                         f"within --max-length {args.max_length}: lower --max-prompt-length or raise --max-length")
     return prompt_ids, [ids[:room] for ids in completions_ids]
 
 
-def tokenize_row(example: dict, tokenizer, max_length, max_prompt_length, truncation_mode) -> dict:
-    """A preference example, standard or conversational -> token ids of prompt, chosen and rejected."""
-    prompt, completions = example["prompt"], [example["chosen"], example["rejected"]]
-    if is_conversational(prompt):
-        prompt, completions = apply_chat_template(tokenizer, prompt, completions)
-    prompt_ids = tokenize_prompt(tokenizer, prompt)
-    completions_ids = [tokenize_completion(tokenizer, text) for text in completions]
-    lengths = [len(prompt_ids)] + [len(ids) for ids in completions_ids]
-    prompt_ids, (chosen_ids, rejected_ids) = truncate(
-        prompt_ids, completions_ids, max_length, max_prompt_length, truncation_mode
-    )
-    truncated = [len(prompt_ids), len(chosen_ids), len(rejected_ids)] != lengths
-    return {"prompt_ids": prompt_ids, "chosen_ids": chosen_ids, "rejected_ids": rejected_ids, "truncated": truncated}
-
-
 def prepare_dataset(dataset: Dataset, tokenizer, vocab_size: int, args: Args, name="the dataset") -> list[dict]:
-    """Check a preference dataset and tokenize it into a list of `tokenize_row` rows."""
-    columns = ["prompt", "chosen", "rejected"]
-    missing = [column for column in columns if column not in dataset.column_names]
-    if missing:
-        raise ValueError(f"{name} lacks the column(s) {missing}: it has {dataset.column_names}, and CPL needs "
-                         f"{columns} (TRL's preference format with an explicit prompt, as strings or lists of "
-                         "messages): rename the columns, or move the shared prompt out of chosen/rejected")
+    """Check a dataset and tokenize it into a list of `tokenize_row` rows (each with an `unknown` flag too)."""
     if len(dataset) == 0:
-        raise ValueError(f"{name} is empty: check --dataset-name and the split")
+        raise ValueError(f"{name} has no rows: check --dataset-name and the split")
+    missing = [column for column in COLUMNS if column not in dataset.column_names]
+    if missing == ["prompt"] and is_conversational(dataset[0].get("chosen")):
+        missing = []  # implicit prompt, see extract_prompt
+    if missing:
+        raise ValueError(f"{name} lacks the column(s) {missing}: it has {dataset.column_names}, and "
+                         f"{os.path.basename(__file__)} needs {COLUMNS} (TRL's formats): rename the columns")
     rows = []
     for i, example in enumerate(dataset):
         try:
-            row = tokenize_row(example, tokenizer, args.max_length, args.max_prompt_length, args.truncation_mode)
+            row = tokenize_row(example, tokenizer, args)
         except ValueError as error:
-            raise ValueError(f"{name}, example {i}: {error}") from error
-        top = max(row["prompt_ids"] + row["chosen_ids"] + row["rejected_ids"])
-        if top >= vocab_size:
-            raise ValueError(f"{name}, example {i}: token id {top} is outside the model's vocabulary of "
+            raise ValueError(f"{name}, row {i}: {error}") from error
+        ids = [token for key, value in row.items() if key.endswith("_ids") for token in value]
+        ids = [token for value in ids for token in (value if isinstance(value, list) else [value])]
+        if max(ids) >= vocab_size:
+            raise ValueError(f"{name}, row {i}: token id {max(ids)} is outside the model's vocabulary of "
                              f"{vocab_size}: the tokenizer does not belong to the model")
-        rows.append(row)
+        rows.append({**row, "unknown": tokenizer.unk_token_id in ids})
     return rows
 
 
-def collate(rows: list[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
-    """B rows -> 2B right-padded sequences, the chosen ones first: input_ids, attention_mask, labels (2B, T),
-    labels being the input ids on completion tokens and -100 on prompt and padding."""
-    sequences, labels = [], []
-    for key in ("chosen_ids", "rejected_ids"):
-        for row in rows:
-            sequences.append(row["prompt_ids"] + row[key])
-            labels.append([-100] * len(row["prompt_ids"]) + row[key])
-    length = max(map(len, sequences))
-    batch = {
-        "input_ids": torch.tensor([s + [pad_token_id] * (length - len(s)) for s in sequences]),
-        "attention_mask": torch.tensor([[1] * len(s) + [0] * (length - len(s)) for s in sequences]),
-        "labels": torch.tensor([s + [-100] * (length - len(s)) for s in labels]),
-    }
-    return batch
-
-
 def forward_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, fused_linear: bool = False):
-    """The (N, T, V) logits of a forward pass; with fused_linear instead the pair (last hidden states (N, T, H),
-    lm_head weight (V, H)), which `shifted_logprobs` projects chunk by chunk. Both go through the model's own
-    forward (with no logits to keep), so that DDP syncs the gradients and FSDP gathers the parameters."""
+    """(logits, aux_loss): the (N, T, V) logits, or with fused_linear the last hidden states (N, T, H) and what
+    kernels.linear_logprobs needs to project them chunk by chunk (lm_head's weight and bias, the config's logit_scale
+    and final_logit_softcapping), both from the model's own forward (so that DDP syncs and FSDP gathers); aux_loss is
+    the router's load-balancing loss x router_aux_loss_coef when the config asks for it (output_router_logits,
+    mixture-of-experts models), else 0."""
+    no_logits = {"output_hidden_states": True, "logits_to_keep": torch.empty(0, dtype=torch.long, device=input_ids.device)}
+    output = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **(no_logits if fused_linear else {}))
+    unwrapped = model.module if isinstance(model, DDP) else model
+    config, head = unwrapped.config, unwrapped.get_output_embeddings()
+    aux_loss = config.router_aux_loss_coef * output.aux_loss if getattr(output, "aux_loss", None) is not None else 0.0
     if not fused_linear:
-        return model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
-    no_logits = torch.empty(0, dtype=torch.long, device=input_ids.device)
-    output = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, output_hidden_states=True,
-                   logits_to_keep=no_logits)
-    return output.hidden_states[-1], (model.module if isinstance(model, DDP) else model).get_output_embeddings().weight
+        return output.logits, aux_loss
+    return (output.hidden_states[-1], {"weight": head.weight, "bias": getattr(head, "bias", None), "scale": getattr(
+        config, "logit_scale", None), "softcap": getattr(config, "final_logit_softcapping", None)}), aux_loss
 
 
 def shifted_logprobs(logits, labels: torch.Tensor) -> torch.Tensor:
     """(N, T-1) float32 log π(y_t | x, y_<t) of each label: the logits at position t predict token t + 1.
-    `logits` as `forward_logits` returns them: a tensor, or (hidden, weight) for kernels.linear_logprobs."""
+    `logits` as `forward_logits` returns them: a tensor, or (hidden, head) for kernels.linear_logprobs."""
     if isinstance(logits, tuple):
-        hidden, weight = logits
-        return linear_logprobs(hidden[:, :-1], weight, labels[:, 1:])
+        hidden, head = logits
+        return linear_logprobs(hidden[:, :-1], head["weight"], labels[:, 1:], bias=head["bias"], scale=head["scale"],
+                               softcap=head["softcap"])
     return logprobs(logits[:, :-1], labels[:, 1:])
-
-
-def batch_logps(logits, labels: torch.Tensor, discount: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """(N,) float32 sums of γ^t·log π(y_t | x, y_<t) over the completion tokens, t counting from 0 at the first
-    one (γ = discount; 1 gives the plain sums), and (N,) the mean log π(y_t | x, y_<t) per completion token.
-    The logits at position t predict token t + 1, hence the shift; labels are -100 on prompt and padding,
-    which count 0."""
-    token_logps = shifted_logprobs(logits, labels)
-    completion = labels[:, 1:] != -100
-    t = (completion.cumsum(-1) - 1).clamp(min=0)
-    return (token_logps * discount**t).sum(-1), token_logps.sum(-1) / completion.sum(-1)
-
-
-def concatenated_forward(
-    model, batch: dict, discount: float, fused_linear: bool = False
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Chosen and rejected in one forward pass: the (B,) discounted completion log-probs of each, and the (B,)
-    mean log-prob per token of the chosen completions."""
-    logits = forward_logits(model, batch["input_ids"], batch["attention_mask"], fused_linear)
-    discounted_logps, mean_logps = batch_logps(logits, batch["labels"], discount)
-    return *discounted_logps.chunk(2), mean_logps.chunk(2)[0]
-
-
-def compute_loss(model, batch: dict, args: Args) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """The mean loss of a batch, and the sums over its pairs of the logged metrics."""
-    policy_chosen_logps, policy_rejected_logps, policy_chosen_mean_logps = concatenated_forward(
-        model, batch, args.discount, args.fused_linear
-    )
-    losses, chosen_rewards, rejected_rewards = cpl_loss(
-        policy_chosen_logps, policy_rejected_logps, policy_chosen_mean_logps,
-        args.alpha, args.conservative_bias, args.bc_coef,
-    )
-    metrics = {
-        "loss": losses.detach().sum(),
-        "rewards/chosen": chosen_rewards.sum(),
-        "rewards/rejected": rejected_rewards.sum(),
-        "rewards/margins": (chosen_rewards - rejected_rewards).sum(),
-        "rewards/accuracies": (chosen_rewards > rejected_rewards).float().sum(),
-        "logps/chosen": policy_chosen_logps.detach().sum(),
-        "logps/rejected": policy_rejected_logps.detach().sum(),
-        "nll_loss": -policy_chosen_mean_logps.detach().sum(),
-    }
-    return losses.mean(), metrics
 
 
 def global_batches(num_rows: int, global_batch_size: int, seed: int):
@@ -444,7 +499,7 @@ def global_batches(num_rows: int, global_batch_size: int, seed: int):
 
 
 def mean_over_ranks(sums: dict[str, torch.Tensor], count: torch.Tensor) -> dict[str, float]:
-    """Metric sums divided by the number of pairs, both summed over all processes."""
+    """Metric sums divided by the number of rows, both summed over all processes."""
     keys = sorted(sums)
     totals = torch.stack([sums[key] for key in keys] + [count]).float()
     if dist.is_initialized():
@@ -452,22 +507,15 @@ def mean_over_ranks(sums: dict[str, torch.Tensor], count: torch.Tensor) -> dict[
     return {key: (totals[i] / totals[-1]).item() for i, key in enumerate(keys)}
 
 
-@torch.no_grad()
-def evaluate(policy, rows: list[dict], args: Args, pad_token_id, device, autocast) -> dict[str, float]:
-    """eval/ metrics over all rows, each process taking every world_size-th row."""
-    policy.eval()
-    sums, count = {}, torch.zeros((), device=device)
-    rank, world_size = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-    mine = rows[rank::world_size]
-    for start in range(0, len(mine), args.per_device_eval_batch_size):
-        chunk = mine[start : start + args.per_device_eval_batch_size]
-        batch = {k: v.to(device) for k, v in collate(chunk, pad_token_id).items()}
-        with autocast:
-            _, metrics = compute_loss(policy, batch, args)
-        sums = {k: sums.get(k, 0) + v for k, v in metrics.items()}
-        count += len(chunk)
-    policy.train()
-    return {f"eval/{k}": v for k, v in mean_over_ranks(sums, count).items()}
+def load_model(args: Args, dtype: torch.dtype, device):
+    """from_pretrained onto the device; with --disable-dropout every dropout set to 0 (a torch.nn.Dropout's p, an
+    attention's float dropout rate), so that the policy trains (and samples) as the reference runs."""
+    model = AutoModelForCausalLM.from_pretrained(args.model_name_or_path, dtype=dtype).to(device)
+    for module in model.modules() if args.disable_dropout else []:
+        for name, value in list(vars(module).items()):
+            if isinstance(value, float) and ("dropout" in name or (name == "p" and isinstance(module, torch.nn.Dropout))):
+                setattr(module, name, 0.0)
+    return model
 
 
 def lora_target_modules(names: tuple[str, ...]) -> str | list[str]:
@@ -477,19 +525,18 @@ def lora_target_modules(names: tuple[str, ...]) -> str | list[str]:
 
 @torch.no_grad()
 def check_fused_linear(model, device) -> None:
-    """--fused-linear computes the logits as hidden @ lm_head.weight.T: raise unless the model's own forward does
-    just that (no bias, no adapter on lm_head, no logit scaling or soft-capping), checked on a few tokens."""
-    head = model.get_output_embeddings()
-    input_ids = torch.arange(8, device=device)[None] % head.weight.shape[0]
-    attention_mask = torch.ones_like(input_ids)
-    logits = forward_logits(model, input_ids, attention_mask)
-    hidden, weight = forward_logits(model, input_ids, attention_mask, fused_linear=True)
-    plain = type(head) is torch.nn.Linear and head.bias is None
-    if not plain or getattr(model.config, "final_logit_softcapping", None) or not torch.allclose(
-        hidden @ weight.T, logits, rtol=1e-3, atol=1e-4
-    ):
-        raise ValueError(f"--fused-linear: the logits of {type(model).__name__} are not its last hidden states "
-                         "times lm_head.weight (a bias, an adapter on lm_head, logit scaling or soft-capping)")
+    """Raise unless --fused-linear's log-probs (see forward_logits) equal those of the model's own logits, on a few
+    tokens in eval mode (dropout would differ between the two passes)."""
+    input_ids = torch.arange(8, device=device)[None] % model.get_output_embeddings().weight.shape[0]
+    training = model.training
+    model.eval()
+    full, fused = (shifted_logprobs(forward_logits(model, input_ids, torch.ones_like(input_ids), fused_linear)[0],
+                                    input_ids) for fused_linear in (False, True))
+    model.train(training)
+    if not torch.allclose(fused, full, rtol=1e-4, atol=1e-4):
+        raise ValueError(f"--fused-linear: the logits of {type(model).__name__} are not what its last hidden states, "
+                         "lm_head (weight, bias), logit_scale and final_logit_softcapping give (an adapter on lm_head, "
+                         "another transform): run without --fused-linear")
 
 
 def shard(model) -> None:
@@ -513,8 +560,64 @@ def check_fsdp_shares(num_rows: int, world_size: int, batch_size: int, name: str
                          "forward passes on each: pick another batch size")
 
 
+def note_signal(signum: int, frame) -> None:
+    """SIGTERM (a preempted job) or Ctrl-C: noted, so that the run checkpoints after its step and exits; a second
+    one acts as usual."""
+    SIGNALS.append(signum)
+    signal.signal(signum, signal.SIG_DFL)
+
+
+def latest_checkpoint(output_dir: str) -> str | None:
+    """The newest complete checkpoint-<step> in output_dir (one being written is named checkpoint-<step>.tmp)."""
+    names = os.listdir(output_dir) if os.path.isdir(output_dir) else []
+    steps = [int(name.split("-")[1]) for name in names if re.fullmatch(r"checkpoint-\d+", name)]
+    return os.path.join(output_dir, f"checkpoint-{max(steps)}") if steps else None
+
+
+def save_checkpoint(output_dir: str, step: int, policy, optimizer, scheduler, state: dict, args: Args) -> None:
+    """checkpoint-<step>/: the trainable weights and AdamW state through torch.distributed.checkpoint (one shard per
+    process under FSDP), and each process's RNG states, scheduler and `state`. Written as checkpoint-<step>.tmp and
+    renamed when complete; only the newest --save-total-limit are kept."""
+    rank, world_size = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    path = os.path.join(output_dir, f"checkpoint-{step}")
+    model_state, optimizer_state = get_state_dict(policy, optimizer, options=StateDictOptions(ignore_frozen_params=True))
+    dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=path + ".tmp")
+    rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+           "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+    torch.save({**state, "rng": rng, "scheduler": scheduler.state_dict()}, os.path.join(path + ".tmp", f"rank{rank}.pt"))
+    if dist.is_initialized():
+        dist.barrier()
+    if rank == 0:
+        with open(os.path.join(path + ".tmp", "checkpoint.json"), "w") as file:
+            json.dump({"step": step, "world_size": world_size, "args": asdict(args)}, file, indent=1)
+        shutil.rmtree(path, ignore_errors=True)
+        os.rename(path + ".tmp", path)
+        steps = sorted(int(name.split("-")[1]) for name in os.listdir(output_dir) if re.fullmatch(r"checkpoint-\d+", name))
+        for old in steps[: -args.save_total_limit]:
+            shutil.rmtree(os.path.join(output_dir, f"checkpoint-{old}"))
+
+
+def load_checkpoint(path: str, policy, optimizer, scheduler, device) -> dict:
+    """Restore what save_checkpoint wrote into the policy, optimizer, scheduler and RNGs; return its `state`."""
+    model_state, optimizer_state = get_state_dict(policy, optimizer, options=StateDictOptions(ignore_frozen_params=True))
+    dcp.load({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=path)  # raises if a key is missing
+    set_state_dict(policy, optimizer, model_state_dict=model_state, optim_state_dict=optimizer_state,
+                   options=StateDictOptions(ignore_frozen_params=True, strict=False))  # the frozen weights are not in it
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    state = torch.load(os.path.join(path, f"rank{rank}.pt"), map_location=device, weights_only=False)
+    scheduler.load_state_dict(state.pop("scheduler"))
+    rng = state.pop("rng")
+    random.setstate(rng["python"])
+    np.random.set_state(rng["numpy"])
+    torch.set_rng_state(rng["torch"])
+    if rng["cuda"]:
+        torch.cuda.set_rng_state_all(rng["cuda"])
+    return state
+
+
 if __name__ == "__main__":
     args = tyro.cli(Args)
+    check_args(args)
     start_time = time.time()
     datasets.disable_progress_bars()
     transformers.logging.disable_progress_bar()
@@ -526,9 +629,6 @@ if __name__ == "__main__":
     device = torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
     if use_cuda:
         torch.cuda.set_device(device)
-    if args.fsdp and "RANK" not in os.environ:
-        raise ValueError("--fsdp shards over the processes torchrun starts: launch with torchrun "
-                         "(--nproc_per_node 1 for one process)")
     if world_size > 1 or args.fsdp:
         dist.init_process_group("nccl" if use_cuda else "gloo")
     is_main = rank == 0
@@ -544,28 +644,40 @@ if __name__ == "__main__":
         torch.use_deterministic_algorithms(True, warn_only=True)
         torch.backends.cudnn.deterministic = True
 
-    # run name and logging: only rank 0 writes
+    # run name: the random suffix keeps two runs started in the same second apart; rank 0's is everyone's
     dataset_stem = os.path.splitext(os.path.basename(args.dataset_name))[0].replace("{split}", "").strip("_-.")
-    run_name = f"{dataset_stem}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    names = [f"{dataset_stem}__{args.exp_name}__{args.seed}__{int(time.time())}_{secrets.token_hex(2)}"]
+    if dist.is_initialized():
+        dist.broadcast_object_list(names)
+    run_name = names[0]
     output_dir = args.output_dir or os.path.join("runs", run_name)
-    if is_main:
-        if args.track:
-            import wandb
 
-            wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True,
-                       config=asdict(args), name=run_name, save_code=True)
-        os.makedirs(output_dir, exist_ok=True)
-        writer = SummaryWriter(output_dir)
-        table = "\n".join(f"|{key}|{value}|" for key, value in asdict(args).items())
-        writer.add_text("hyperparameters", f"|param|value|\n|-|-|\n{table}")
-        metrics_file = open(os.path.join(output_dir, "metrics.jsonl"), "w")
-
-    # model and tokenizer: the policy trains; CPL needs no reference model; --fsdp shards the policy, DDP
-    # replicates it otherwise
+    # data, tokenized and checked before the models load
     tokenizer = AutoTokenizer.from_pretrained(args.model_name_or_path)
     pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    config = AutoConfig.from_pretrained(args.model_name_or_path)
+    positions = getattr(config, "max_position_embeddings", None)
+    if positions is not None and args.max_length > positions:
+        if is_main:
+            print(f"note: --max-length {args.max_length} is beyond the model's {positions} positions: using {positions}")
+        args.max_length = positions
+    train_data, test_data = load_splits(
+        args.dataset_name, args.dataset_config, args.dataset_train_split, args.dataset_test_split
+    )
+    train_rows = prepare_dataset(train_data, tokenizer, config.vocab_size, args, "the train split")
+    eval_rows = prepare_dataset(test_data, tokenizer, config.vocab_size, args, "the test split") if test_data else []
+    for flag, what in (("truncated", "were truncated to --max-prompt-length / --max-length"),
+                       ("unknown", "hold text the tokenizer maps to its unknown token"),
+                       ("identical", "have chosen equal to rejected: they give no gradient")):
+        count = sum(row.get(flag, False) for row in train_rows + eval_rows)
+        if count and is_main:
+            print(f"warning: {count} of {len(train_rows) + len(eval_rows)} rows {what}")
+    if args.fsdp:
+        check_fsdp_shares(len(eval_rows), world_size, args.per_device_eval_batch_size, "the test split")
+
+    # model: the policy trains; CPL needs no reference model; --fsdp shards the policy, DDP replicates it otherwise
     dtype = getattr(torch, args.dtype)
-    policy = AutoModelForCausalLM.from_pretrained(args.model_name_or_path, dtype=dtype).to(device)
+    policy = load_model(args, dtype, device)
     policy.train()
     if args.gradient_checkpointing:
         policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -583,37 +695,48 @@ if __name__ == "__main__":
     model = DDP(policy, device_ids=[local_rank] if use_cuda else None) if world_size > 1 and not args.fsdp else policy
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16)
 
-    # data
-    vocab_size = policy.get_input_embeddings().num_embeddings
-    train_data, test_data = load_splits(
-        args.dataset_name, args.dataset_config, args.dataset_train_split, args.dataset_test_split
-    )
-    train_rows = prepare_dataset(train_data, tokenizer, vocab_size, args, "the train split")
-    eval_rows = prepare_dataset(test_data, tokenizer, vocab_size, args, "the test split") if test_data else []
-    truncated = sum(row["truncated"] for row in train_rows + eval_rows)
-    if truncated and is_main:
-        print(f"warning: {truncated} examples truncated to --max-prompt-length / --max-length")
-    if args.fsdp:
-        check_fsdp_shares(len(eval_rows), world_size, args.per_device_eval_batch_size, "the test split")
-
     # optimiser and schedule
     micro_batch_size, accumulation = args.per_device_train_batch_size, args.gradient_accumulation_steps
     global_batch_size = micro_batch_size * world_size * accumulation
     steps_per_epoch = len(train_rows) // global_batch_size
     if steps_per_epoch == 0:
-        raise ValueError(f"the train split has {len(train_rows)} pairs, less than a global batch ({global_batch_size})")
+        raise ValueError(f"the train split has {len(train_rows)} rows, less than a global batch ({global_batch_size})")
     total_steps = args.max_steps if args.max_steps is not None else args.num_train_epochs * steps_per_epoch
     optimizer = torch.optim.AdamW(policy.parameters(), lr=args.learning_rate, weight_decay=0.0)
     scheduler = get_scheduler(args.lr_scheduler_type, optimizer, round(args.warmup_ratio * total_steps), total_steps)
+
+    # output directory: written only now that model and data have loaded; --resume restores the newest checkpoint
+    state = {"step": 0, "sums": {}, "count": torch.zeros((), device=device), "train_metrics": {}, "eval_metrics": {}}
+    if args.resume:
+        state = load_checkpoint(latest_checkpoint(output_dir), policy, optimizer, scheduler, device)
     if is_main:
-        print(f"{run_name}: {len(train_rows)} train and {len(eval_rows)} test pairs; {total_steps} steps of "
-              f"{global_batch_size} pairs ({world_size} processes x {micro_batch_size} x {accumulation}) on {device}")
+        if args.overwrite:
+            shutil.rmtree(output_dir, ignore_errors=True)
+        os.makedirs(output_dir, exist_ok=True)
+        if args.track:
+            import wandb
+
+            wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True,
+                       config=asdict(args), name=run_name, save_code=True)
+        writer = SummaryWriter(output_dir, purge_step=state["step"] + 1 if args.resume else None)
+        table = "\n".join(f"|{key}|{value}|" for key, value in asdict(args).items())
+        writer.add_text("hyperparameters", f"|param|value|\n|-|-|\n{table}")
+        metrics_path = os.path.join(output_dir, "metrics.jsonl")
+        kept = [line for line in open(metrics_path) if json.loads(line)["step"] <= state["step"]] if args.resume else []
+        metrics_file = open(metrics_path, "w")
+        metrics_file.writelines(kept)
+        print(f"{run_name}: {len(train_rows)} train and {len(eval_rows)} test rows; {total_steps} steps of "
+              f"{global_batch_size} rows ({world_size} processes x {micro_batch_size} x {accumulation}) on {device}; "
+              + (f"resuming after step {state['step']}" if args.resume else f"writing to {output_dir}"))
+    if dist.is_initialized():
+        dist.barrier()
 
     # training: each step takes one global batch; micro-batch m of process r is its slice m * world_size + r
-    batches = global_batches(len(train_rows), global_batch_size, args.seed)
-    sums, count = {}, torch.zeros((), device=device)
-    train_metrics, eval_metrics = {}, {}
-    progress = tqdm(range(1, total_steps + 1), disable=not is_main, dynamic_ncols=True)
+    batches = itertools.islice(global_batches(len(train_rows), global_batch_size, args.seed), state["step"], None)
+    sums, count, train_metrics, eval_metrics = state["sums"], state["count"], state["train_metrics"], state["eval_metrics"]
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, note_signal)
+    progress = tqdm(range(state["step"] + 1, total_steps + 1), disable=not is_main, dynamic_ncols=True)
     for step in progress:
         indices = next(batches)
         for micro_step in range(accumulation):
@@ -654,6 +777,19 @@ if __name__ == "__main__":
                 writer.add_scalar(key, value, step)
             metrics_file.write(json.dumps({"step": step, **logs}) + "\n")
             metrics_file.flush()
+        stop = torch.tensor(float(len(SIGNALS)), device=device)
+        if dist.is_initialized():
+            dist.all_reduce(stop, op=dist.ReduceOp.MAX)  # every process stops after the same step
+        if stop or (args.save_steps > 0 and step % args.save_steps == 0):
+            state = {"step": step, "sums": sums, "count": count, "train_metrics": train_metrics, "eval_metrics": eval_metrics}
+            save_checkpoint(output_dir, step, policy, optimizer, scheduler, state, args)
+        if stop:
+            if is_main:
+                print(f"stopped by a signal after step {step} of {total_steps}, checkpoint saved: continue with "
+                      f"--resume --output-dir {output_dir}")
+            if dist.is_initialized():
+                dist.destroy_process_group()
+            sys.exit(128 + (SIGNALS or [signal.SIGTERM])[0])
 
     # save and summarise; under FSDP every process takes part in gathering the full state dict onto rank 0
     state_dict = None
@@ -670,8 +806,6 @@ if __name__ == "__main__":
                         f", eval/rewards/margins {eval_metrics['eval/rewards/margins']:.3f}")
         print(f"{run_name} done in {time.time() - start_time:.0f}s: {summary}; policy saved to {output_dir}")
         if args.lora:
-            print(f"{output_dir} holds the LoRA adapter, not the full model: with peft installed, "
-                  f"AutoModelForCausalLM.from_pretrained({output_dir!r}) loads the base model and the adapter; "
-                  "peft.AutoPeftModelForCausalLM too, and its merge_and_unload() gives a plain model")
+            print(f"{output_dir} holds the LoRA adapter: with peft installed, from_pretrained loads base and adapter")
     if dist.is_initialized():
         dist.destroy_process_group()

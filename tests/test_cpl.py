@@ -8,7 +8,7 @@ from datasets import Dataset
 from tokenizers import Tokenizer, models, processors
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from algos.cpl import Args, batch_logps, collate, compute_loss, cpl_loss, prepare_dataset
+from algos.cpl import Args, check_args, collate, compute_loss, concatenated_forward, cpl_loss, prepare_dataset
 from tests.references.cpl import cpl_loss as reference_cpl_loss
 from tests.references.cpl import segment_score
 
@@ -56,19 +56,21 @@ def token_logps_of(model, tokenizer, row, key):
 
 @pytest.mark.parametrize("discount", [1.0, 0.9, 0.5])
 def test_segment_scores_discount_from_the_first_completion_token(tokenizer, tiny_model, discount):
-    """batch_logps against the literal Σ_t γ^t log π of the reference, with prompts and completions of
+    """concatenated_forward against the literal Σ_t γ^t log π of the reference, with prompts and completions of
     different lengths in one padded batch (so t must restart at each completion, not at the sequence)."""
     rows = prepare_dataset(dataset(EXAMPLE, SHORT), tokenizer, len(tokenizer), Args())
     batch = collate(rows, tokenizer.pad_token_id)
     with torch.no_grad():
-        discounted, mean = batch_logps(tiny_model(batch["input_ids"], attention_mask=batch["attention_mask"]).logits,
-                                       batch["labels"], discount)
+        chosen, rejected, mean, aux_loss = concatenated_forward(tiny_model, batch, discount=discount)
+    discounted = torch.cat([chosen, rejected])
     expected_discounted, expected_mean = [], []
     for key in ("chosen_ids", "rejected_ids"):
         for r in rows:
             token_logps = token_logps_of(tiny_model, tokenizer, r, key)
             expected_discounted.append(segment_score(token_logps, 1.0, discount))
-            expected_mean.append(sum(token_logps) / len(token_logps))
+            if key == "chosen_ids":  # the BC term's mean, of the chosen completions only
+                expected_mean.append(sum(token_logps) / len(token_logps))
+    assert aux_loss == 0  # a dense model has no router loss
     torch.testing.assert_close(discounted.double(), torch.tensor(expected_discounted, dtype=torch.float64),
                                rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(mean.double(), torch.tensor(expected_mean, dtype=torch.float64), rtol=1e-5, atol=1e-6)
@@ -108,22 +110,35 @@ def test_scores_carry_no_gradient_and_lambda_does_not_bias_them():
     ("discount", 0.0, r"in \(0, 1\]"), ("discount", 1.01, r"in \(0, 1\]"), ("alpha", 0.0, "> 0"),
     ("alpha", float("nan"), "> 0"), ("bc_coef", -0.1, ">= 0"),
 ])
-def test_hyperparameters_out_of_range_are_errors(flag, value, allowed):
-    with pytest.raises(ValueError, match=rf"--{flag.replace('_', '-')} is .*must be {allowed}"):
-        Args(**{flag: value})
+def test_hyperparameters_out_of_range_are_errors_naming_the_flag(flag, value, allowed):
+    with pytest.raises(ValueError, match=rf"--{flag.replace('_', '-')} {value}: must be {allowed}"):
+        check_args(Args(**{flag: value}))
+    check_args(Args())  # the defaults pass
 
 
 def test_missing_columns_are_named(tokenizer):
-    with pytest.raises(ValueError, match=r"lacks the column\(s\) \['rejected'\].*CPL needs"):
+    with pytest.raises(ValueError, match=r"lacks the column\(s\) \['rejected'\].*cpl.py needs"):
         prepare_dataset(dataset({"prompt": "Q: 1\n", "chosen": "a"}), tokenizer, 100, Args())
 
 
 def test_empty_dataset_is_an_error(tokenizer):
     empty = Dataset.from_dict({"prompt": [], "chosen": [], "rejected": []})
-    with pytest.raises(ValueError, match="the test split is empty"):
+    with pytest.raises(ValueError, match="the test split has no rows"):
         prepare_dataset(empty, tokenizer, 100, Args(), "the test split")
 
 
 def test_an_example_that_cannot_fit_is_an_error(tokenizer):
-    with pytest.raises(ValueError, match=r"example 0: the prompt takes 12 tokens.*no room"):
+    with pytest.raises(ValueError, match=r"row 0: the prompt takes 12 tokens.*no room"):
         prepare_dataset(dataset(EXAMPLE), tokenizer, 100, Args(max_length=12, max_prompt_length=12))
+
+
+def test_the_implicit_prompt_format_gives_the_explicit_prompt_s_tokens():
+    """TRL's implicit-prompt format: chosen and rejected are whole conversations sharing their leading messages."""
+    tokenizer = make_tokenizer()
+    tokenizer.chat_template = ("{% for m in messages %}{% if m['role'] == 'user' %}{{ 'Q: ' + m['content'] + '\\n' }}"
+                               "{% else %}{{ m['content'] }}{% endif %}{% endfor %}")
+    user = {"role": "user", "content": "7"}
+    implicit = {"chosen": [user, {"role": "assistant", "content": "Answer: 7"}],
+                "rejected": [user, {"role": "assistant", "content": "Answer: 1"}]}
+    assert prepare_dataset(dataset(implicit), tokenizer, len(tokenizer), Args()) == prepare_dataset(
+        dataset(SHORT), tokenizer, len(tokenizer), Args())
