@@ -357,9 +357,18 @@ def load_splits(name: str, config: str | None, train_split: str, test_split: str
         path = name.replace("{split}", split)
         if not os.path.isfile(path):
             raise FileNotFoundError(f"no dataset file {path} (--dataset-name {name}, split {split})")
-        if extension in (".json", ".jsonl"):
-            return Dataset.from_list(read_json_records(path))
-        return load_dataset(extension[1:], data_files=path, split="train")
+        if extension not in (".json", ".jsonl"):
+            return load_dataset(extension[1:], data_files=path, split="train")
+        records, kinds = read_json_records(path), {}
+        try:
+            return Dataset.from_list(records)
+        except (TypeError, ValueError):  # pyarrow: a column whose rows hold values of different types
+            for i, record in enumerate(records):
+                for column, value in record.items():
+                    if value is not None and kinds.setdefault(column, type(value)) is not type(value):
+                        raise ValueError(f"{path}, row {i}: column {column!r} holds {value!r:.80}, a "
+                                         f"{type(value).__name__}, where other rows hold a {kinds[column].__name__}")
+            raise
 
     return load_file(train_split), (load_file(test_split) if test_split and "{split}" in name else None)
 
@@ -465,14 +474,14 @@ def truncate(prompt_ids: list[int], completions_ids: list[list[int]], bos_token_
 
 def prepare_dataset(dataset: Dataset, tokenizer, vocab_size: int, args: Args, name="the dataset") -> list[dict]:
     """Check a dataset and tokenize it into a list of `tokenize_row` rows (each with an `unknown` flag too)."""
+    if len(dataset) == 0:
+        raise ValueError(f"{name} has no rows: check --dataset-name and the split")
     missing = [column for column in COLUMNS if column not in dataset.column_names]
-    if missing == ["prompt"] and len(dataset) > 0 and is_conversational(dataset[0].get("chosen")):
+    if missing == ["prompt"] and is_conversational(dataset[0].get("chosen")):
         missing = []  # implicit prompt, see extract_prompt
     if missing:
         raise ValueError(f"{name} lacks the column(s) {missing}: it has {dataset.column_names}, and "
                          f"{os.path.basename(__file__)} needs {COLUMNS} (TRL's formats): rename the columns")
-    if len(dataset) == 0:
-        raise ValueError(f"{name} has no rows: check --dataset-name and the split")
     rows = []
     for i, example in enumerate(dataset):
         try:
