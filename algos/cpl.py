@@ -581,7 +581,8 @@ def save_checkpoint(output_dir: str, step: int, policy, optimizer, scheduler, st
     rank, world_size = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     path = os.path.join(output_dir, f"checkpoint-{step}")
     model_state, optimizer_state = get_state_dict(policy, optimizer, options=StateDictOptions(ignore_frozen_params=True))
-    dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=path + ".tmp")
+    dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=path + ".tmp",
+             no_dist=not dist.is_initialized())
     rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
     torch.save({**state, "rng": rng, "scheduler": scheduler.state_dict()}, os.path.join(path + ".tmp", f"rank{rank}.pt"))
@@ -600,7 +601,8 @@ def save_checkpoint(output_dir: str, step: int, policy, optimizer, scheduler, st
 def load_checkpoint(path: str, policy, optimizer, scheduler, device) -> dict:
     """Restore what save_checkpoint wrote into the policy, optimizer, scheduler and RNGs; return its `state`."""
     model_state, optimizer_state = get_state_dict(policy, optimizer, options=StateDictOptions(ignore_frozen_params=True))
-    dcp.load({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=path)  # raises if a key is missing
+    dcp.load({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=path,  # raises if a key is missing
+             no_dist=not dist.is_initialized())
     set_state_dict(policy, optimizer, model_state_dict=model_state, optim_state_dict=optimizer_state,
                    options=StateDictOptions(ignore_frozen_params=True, strict=False))  # the frozen weights are not in it
     rank = dist.get_rank() if dist.is_initialized() else 0
