@@ -1,100 +1,17 @@
 """Listwise Preference Optimization (LiPO-λ), in one file.
 
-Paper: Liu, Qin, Wu, Shen, Khalman, Joshi, Zhao, Saleh, Baumgartner, Liu, Liu, Wang, "LiPO: Listwise
-Preference Optimization through Learning-to-Rank", NAACL 2025, arXiv:2402.01878. The λ-weights are
-LambdaLoss's (Wang, Li, Golbandi, Bendersky, Najork, "The LambdaLoss Framework for Ranking Metric
-Optimization", CIKM 2018), i.e. LambdaRank's NDCG weights.
+Liu et al., "LiPO: Listwise Preference Optimization through Learning-to-Rank", NAACL 2025, arXiv:2402.01878, with
+LambdaLoss's λ-weights (Wang et al., CIKM 2018). For a list of completions y_i of x with labels ψ_i, rewards
+s_i = β·(logp(y_i) - ref(y_i)) and τ_i the rank of s_i in the list (ties by index):
+    loss = -Σ_{ψi > ψj} Δij·log σ(si - sj),    Δij = |2^ψi - 2^ψj|·|1/log2(1 + τi) - 1/log2(1 + τj)|
+(--loss-type: also the pairwise logistic, ListMLE and softmax objectives.) Data: prompt, completions (a list of
+strings or of message lists), scores (one number per completion, higher is better).
 
-Idea. Feedback often comes as a list of K completions of one prompt with graded scores, not as a pair.
-DPO's implicit reward s = β·log π(y|x)/π_ref(y|x) is a score, so aligning the policy is a
-learning-to-rank problem: order each list's rewards like its labels. DPO is the pairwise logistic
-ranking loss at K = 2. LiPO-λ uses every ordered pair of the list, and weights each pair by how much
-swapping the two would change the list's DCG under the policy's current ranking: pairs far apart in
-label and placed where the ranking metric is sensitive count more, pairs that hardly matter count little.
-
-Loss. logp(y) = Σ_t log π(y_t | x, y_<t) summed over the completion tokens (prompt and padding masked),
-ref(y) the same under the frozen reference, and for a list (x, y_1..y_K) with labels ψ_1..ψ_K:
-    s_i  = β·(logp(y_i) - ref(y_i))
-    τ_i  = the rank of y_i when the list is sorted by s, descending (1 = top; equal s: lower index first)
-    G_i  = 2^ψ_i - 1,   D(τ) = log2(1 + τ)
-    Δ_ij = |G_i - G_j|·|1/D(τ_i) - 1/D(τ_j)|                                 (no gradient)
-    loss = -Σ_{i,j: ψ_i > ψ_j} Δ_ij·log σ(s_i - s_j)        summed over the list's pairs, averaged over lists
-(the paper's eq. for LiPO-λ). `--loss-type` selects the paper's other listwise objectives, each a sum
-over the list, averaged over the lists of the batch:
-    pair_logistic  -Σ_{ψ_i > ψ_j} log σ(s_i - s_j)            (DPO_BT in the paper; DPO itself at K = 2)
-    list_mle       -Σ_i log[e^{s_i} / (e^{s_i} + Σ_{j: ψ_j < ψ_i} e^{s_j})]   (DPO_PL, Plackett-Luce)
-    softmax        -Σ_i (ψ_i / Σ_j ψ_j)·log[e^{s_i} / Σ_j e^{s_j}]              (needs ψ >= 0)
-All four equal the DPO loss -log σ(β·h) for a list of two with distinct labels (softmax: with labels
-(1, 0), which --score-transform win_rate makes of any two distinct scores).
-
-Run (from anywhere; the defaults point at the bundled task in benchmarks/arith/):
-    python algos/lipo.py                                  # 1 process, CPU or one GPU
+    python algos/lipo.py                                                        # the bundled task, CPU, minutes
     torchrun --nproc_per_node 2 algos/lipo.py --per-device-train-batch-size 4   # same global batch
-    torchrun --nproc_per_node 2 algos/lipo.py --fsdp --lora --fused-linear   # shard, adapters, no full logits
-    python benchmarks/arith/evaluate.py runs/<run_name>  # held-out accuracy of the saved policy
-    python algos/lipo.py --model-name-or-path Qwen/Qwen2.5-0.5B-Instruct \\
-        --dataset-name my_lists.jsonl --beta 0.05 --learning-rate 5e-7 \\
-        --per-device-train-batch-size 1 --gradient-accumulation-steps 32 --num-train-epochs 1 \\
-        --max-length 1024 --bf16 --gradient-checkpointing --eval-steps 500 --logging-steps 10
-Data: `prompt`, `completions` (a list, of strings or of message lists) and `scores` (a list of numbers, one
-per completion, higher is better), as in benchmarks/arith/data/lists_{split}.jsonl.
 
-Deviations from the paper and details it leaves open:
-1. Optimiser: AdamW with linear warm-up then linear decay (TRL's default), on a model that is not a T5.
-2. The reference is the model we start from (`--model-name-or-path`), not a separately fine-tuned SFT model.
-3. Labels: the paper's ψ_i is each response's average win probability against the other responses of its
-   list under a pairwise reward-ranking model, so ψ ∈ [0, 1] and G ∈ [0, 1]. `--score-transform win_rate`
-   does the same with the dataset's scores as the judge: ψ_i = (#{j: score_j < score_i} + ½·#{j ≠ i:
-   score_j = score_i}) / (K - 1), which keeps the order and the ties, in [0, 1] whatever the scores' scale.
-   `none` uses the scores as ψ, so that their gaps count (G grows as 2^ψ); the default is set below.
-4. Normalisation: the paper's per-list sum, averaged over the lists of the batch. (The RAX library the
-   paper's code is built on multiplies the λ-weights by the padded list size, and its loss is a sum.)
-   With AdamW the overall scale of the loss hardly matters; the relative weights of pairs and lists do.
-5. Ties. Only pairs with strictly ψ_i > ψ_j count; ranks τ come from the current rewards, ties broken
-   by index (so at the start, where every s is 0, τ is the dataset order). ListMLE needs a total order,
-   which ties do not give: here each completion is compared with itself and the strictly worse ones only
-   (the Plackett-Luce likelihood when the labels are distinct; tied completions are never compared).
-6. A list without any strict preference (all scores equal, or one completion) carries no ranking: it
-   contributes 0 to the loss under every objective (softmax's uniform target would otherwise pull its
-   rewards together) and still counts as a list in the average.
-7. Batches count lists: `--per-device-train-batch-size 8` is 8 lists, whose Σ K_b completions go through
-   the model in one forward pass (flattened and padded), the loss regrouping them by list.
-8. Tokens, truncation and the data order are as in dpo.py: BOS once before the prompt, EOS once after each
-   completion, every completion cut to fit `--max-length`, a seeded permutation per epoch, the last
-   incomplete global batch dropped.
-
-Defaults: chosen for the bundled task (its `lists` files, 2610 training lists of 4) by a small sweep: one process,
-seed 1, LiPO-λ, then `python benchmarks/arith/evaluate.py` (256 held-out prompts; sampled = 8 samples each at
-temperature 1). The base model: greedy accuracy 0.602, sampled 0.319. Train times with two to six runs sharing
-the 2-core CPU:
-    flags                                             greedy  sampled  KL    time
-    (defaults: β 0.5, lr 2e-4, 1 epoch)               0.676   0.478    1.16  337 s
-    --beta 1                                          0.719   0.464    0.61  272 s
-    --beta 1 --learning-rate 3e-4                     0.719   0.466    0.89  331 s
-    --beta 2                                          0.738   0.442    0.35  235 s
-    --beta 0.3 --learning-rate 1e-4                   0.598   0.412    1.32  270 s
-    --beta 1 --learning-rate 1e-4 --num-train-epochs 2   0.750  0.488  0.53  522 s
-    --beta 0.3 --learning-rate 2e-5 --num-train-epochs 3 0.660  0.433  0.75  694 s
-Two epochs at β 1 gain the most, but took 312 s as the default run with two other runs on the CPU (alone, an
-estimated 3-4 minutes: over the budget for a default run); one epoch takes half as long.
-As for DPO, the rates that move this ~0.9M-parameter model within an epoch or two need a β well above
-the 0.05 of the large-model command above to keep it near the reference.
-
-Logged metrics (TRL's names where they fit; `train/` every `--logging-steps` steps, averaged over the
-lists seen since the last log and over all processes; `eval/` over the whole held-out split). A list's
-"chosen" completion is its best (the first with the highest score), its "rejected" one its worst (the
-first with the lowest score):
-    loss                 the loss above, per list (Σ Δ_ij·ln 2 for LiPO-λ at the start, where s = 0)
-    rewards/chosen       mean s of the chosen completions, s = β·(logp - ref) the implicit reward
-    rewards/rejected     mean s of the rejected completions
-    rewards/margins      mean of chosen minus rejected reward
-    rewards/accuracies   per list, the fraction of its ordered pairs (ψ_i > ψ_j) with s_i > s_j (0 for a
-                         list without ordered pairs), averaged over lists
-    logps/chosen         mean logp of the chosen completions (summed over tokens); logps/rejected alike
-    learning_rate, grad_norm (before clipping), epoch
-Everything goes to TensorBoard under runs/<run_name>/ (and W&B with --track), to runs/<run_name>/
-metrics.jsonl (one JSON object per logged step), to the progress bar, and into a final summary line.
-The trained model (with --lora: the adapter) and tokenizer are saved with save_pretrained into the same directory.
+Usage, metrics, implementation details, defaults and results: docs/algos/lipo.md; conventions shared by every
+script (tokens, batches, logging, checkpoints, scaling flags): docs/conventions.md.
 """
 
 import itertools
@@ -102,6 +19,10 @@ import json
 import math
 import os
 import random
+import re
+import secrets
+import shutil
+import signal
 import sys
 import time
 from contextlib import nullcontext
@@ -112,17 +33,19 @@ import datasets
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
 import torch.nn.functional as F
 import transformers
 import tyro
 from datasets import Dataset, load_dataset
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_state_dict, set_state_dict
 from torch.distributed.fsdp import fully_shard
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
-from transformers import AutoModelForCausalLM, AutoTokenizer, get_scheduler
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, get_scheduler
 
+SIGNALS = []  # the signals received, see note_signal
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)  # `kernels` lives at the repository root, next to algos/
 from kernels import linear_logprobs, logprobs  # noqa: E402
@@ -147,7 +70,15 @@ class Args:
     wandb_entity: str | None = None
     """the W&B entity (team)"""
     output_dir: str | None = None
-    """where logs, metrics.jsonl and the trained model go; default runs/<run_name>"""
+    """where logs, metrics.jsonl, checkpoints and the trained model go; default runs/<run_name>"""
+    overwrite: bool = False
+    """if toggled, start afresh in a non-empty --output-dir (its contents are deleted once model and data load)"""
+    resume: bool = False
+    """if toggled, continue from the newest complete checkpoint in --output-dir"""
+    save_steps: int = 500
+    """write a checkpoint every this many optimiser steps (0: never); SIGTERM and Ctrl-C also write one"""
+    save_total_limit: int = 2
+    """keep only the newest this many checkpoints"""
 
     model_name_or_path: str = os.path.join(REPO, "benchmarks/arith/model")
     """the policy to train and the frozen reference: a hub id or a local directory"""
@@ -157,6 +88,8 @@ class Args:
     """if toggled, run forward passes under bfloat16 autocast (GPU)"""
     gradient_checkpointing: bool = False
     """if toggled, recompute activations in the backward pass to save memory"""
+    disable_dropout: bool = True
+    """if toggled, set every dropout of the loaded models to 0 (before LoRA, whose own dropout stays)"""
     fsdp: bool = False
     """if toggled, shard the policy and the reference over the processes with FSDP2 (each decoder layer, then
     the root) instead of replicating them with DDP; needs torchrun (--nproc_per_node 1 for one process)"""
@@ -170,13 +103,14 @@ class Args:
     lora_dropout: float = 0.0
     """dropout on the input of the LoRA updates"""
     lora_target_modules: tuple[str, ...] = ("all-linear",)
-    """the module names that get adapters (e.g. q_proj v_proj), or all-linear: every linear layer but lm_head"""
+    """the module names that get adapters (e.g. q_proj v_proj), or all-linear: every linear layer but lm_head
+    (not the routed experts of mixture-of-experts models, whose weights are not linear layers)"""
     fused_linear: bool = False
     """if toggled, get the log-probs from the last hidden states and lm_head's weight chunk by chunk
     (kernels.linear_logprobs), never holding the full logits: less memory for large vocabularies"""
 
     dataset_name: str = os.path.join(REPO, "benchmarks/arith/data/lists_{split}.jsonl")
-    """a hub id or a local .json/.jsonl/.parquet file; `{split}` in a file name is replaced by the split
+    """a hub id or a local .json/.jsonl/.csv/.parquet file; `{split}` in a file name is replaced by the split
     (a local file without it has only a training split, so no evaluation)"""
     dataset_config: str | None = None
     """the hub dataset's configuration name, if it has several"""
@@ -185,11 +119,11 @@ class Args:
     dataset_test_split: str | None = "test"
     """the split to evaluate on; None to skip evaluation"""
     max_length: int = 1024
-    """maximum tokens of prompt + completion; completions are cut at the end to fit"""
+    """maximum tokens of prompt + completion (at most the model's positions); completions are cut at the end"""
     max_prompt_length: int = 512
     """maximum tokens of the prompt, cut according to --truncation-mode"""
     truncation_mode: Literal["keep_end", "keep_start"] = "keep_end"
-    """which part of a too-long prompt to keep: its end (next to the completion) or its start"""
+    """which part of a too-long prompt to keep: its end (next to the completion; BOS stays) or its start"""
 
     learning_rate: float = 2e-4
     """AdamW learning rate after warm-up"""
@@ -200,11 +134,11 @@ class Args:
     max_grad_norm: float = 1.0
     """clip the global gradient norm to this (inf: no clipping)"""
     per_device_train_batch_size: int = 8
-    """lists per process per micro-batch; global batch = this x processes x accumulation steps"""
+    """rows per process per micro-batch; global batch = this x processes x accumulation steps"""
     gradient_accumulation_steps: int = 1
     """micro-batches accumulated into one optimiser step"""
     per_device_eval_batch_size: int = 32
-    """lists per process per evaluation batch"""
+    """rows per process per evaluation batch"""
     num_train_epochs: int = 1
     """passes over the training split (ignored when --max-steps is set)"""
     max_steps: int | None = None
@@ -224,38 +158,6 @@ class Args:
     """the labels ψ made of a list's scores: each score's share of wins in its list (ties ½), or the scores"""
 
 
-def pad_lists(values: torch.Tensor, list_sizes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(N,) values of B lists laid end to end, list by list -> (B, K) right-padded with 0 (K the longest
-    list), and the (B, K) mask of the real items."""
-    padded = torch.nn.utils.rnn.pad_sequence(values.split(list_sizes.tolist()), batch_first=True)
-    valid = torch.arange(padded.shape[1], device=values.device) < list_sizes[:, None]
-    return padded, valid
-
-
-def preferred_pairs(scores: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """(B, K, K) mask of the ordered pairs of each list: [b, i, j] when ψ_i > ψ_j strictly, both real."""
-    return (scores[:, :, None] > scores[:, None, :]) & valid[:, :, None] & valid[:, None, :]
-
-
-def lambda_weights(rewards: torch.Tensor, scores: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """LiPO-λ's pair weights, (B, K, K) and without gradient, from (B, K) padded rewards s, labels ψ and
-    the mask of real items:
-        τ_i  = 1 + #{j: s_j > s_i} + #{j < i: s_j = s_i}     the rank of i under the current rewards
-        Δ_ij = |G_i - G_j|·|1/D(τ_i) - 1/D(τ_j)|,  G = 2^ψ - 1,  D(τ) = log2(1 + τ)
-    for the ordered pairs ψ_i > ψ_j, 0 elsewhere."""
-    rewards, scores = rewards.detach(), scores.detach()
-    index = torch.arange(rewards.shape[1], device=rewards.device)
-    same = rewards[:, None, :] == rewards[:, :, None]
-    ahead = (rewards[:, None, :] > rewards[:, :, None]) | (same & (index[None, :] < index[:, None]))  # j before i
-    ranks = 1 + (ahead & valid[:, None, :]).sum(-1)
-    gains = torch.exp2(scores) - 1
-    inverse_discounts = 1 / torch.log2(1 + ranks.to(rewards.dtype))
-    deltas = (gains[:, :, None] - gains[:, None, :]).abs() * (
-        inverse_discounts[:, :, None] - inverse_discounts[:, None, :]
-    ).abs()
-    return torch.where(preferred_pairs(scores, valid), deltas, 0)
-
-
 def lipo_loss(
     policy_logps: torch.Tensor,
     reference_logps: torch.Tensor,
@@ -269,12 +171,13 @@ def lipo_loss(
     Inputs are (N,) sums of completion-token log-probs and (N,) labels ψ (higher is better, no gradient) of
     the completions of B lists laid end to end, list by list, and the (B,) list sizes (>= 1, summing to N).
     With s_i = β·(policy_i - reference_i) and, within each list, only strict preferences ψ_i > ψ_j:
-        lambda         -Σ_{ψ_i > ψ_j} Δ_ij·log σ(s_i - s_j)            Δ from `lambda_weights`
+        lambda         -Σ_{ψ_i > ψ_j} Δ_ij·log σ(s_i - s_j),    Δ_ij = |G_i - G_j|·|1/D(τ_i) - 1/D(τ_j)|
         pair_logistic  -Σ_{ψ_i > ψ_j} log σ(s_i - s_j)
         list_mle       -Σ_i log[e^{s_i} / (e^{s_i} + Σ_{j: ψ_j < ψ_i} e^{s_j})]
         softmax        -Σ_i (ψ_i / Σ_j ψ_j)·log softmax(s)_i             (ψ >= 0)
-    A list without a strict preference gets loss 0. Returns (losses (B,), differentiable, and rewards (N,),
-    the detached s of each completion).
+    where G = 2^ψ - 1, D(τ) = log2(1 + τ), τ_i = 1 + #{j: s_j > s_i} + #{j < i: s_j = s_i} is the rank of item i
+    under the current rewards, and Δ carries no gradient. A list without a strict preference gets loss 0. Returns
+    (losses (B,), differentiable, and rewards (N,), the detached s of each completion).
     """
     rewards = beta * (policy_logps - reference_logps)
     s, valid = pad_lists(rewards, list_sizes)
@@ -299,78 +202,41 @@ def lipo_loss(
     return losses, rewards.detach()
 
 
-def load_splits(name: str, config: str | None, train_split: str, test_split: str | None):
-    """(train, test or None): splits of a hub dataset, or local .json/.jsonl/.parquet files where `{split}`
-    in the name is replaced by the split (a file name without it is the training data only: no test)."""
-    extension = os.path.splitext(name)[1]
-    if extension not in (".json", ".jsonl", ".parquet"):
-        test = load_dataset(name, config, split=test_split) if test_split else None
-        return load_dataset(name, config, split=train_split), test
-
-    def load_file(split):
-        path = name.replace("{split}", split)
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"no dataset file {path} (--dataset-name {name}, split {split})")
-        return load_dataset("parquet" if extension == ".parquet" else "json", data_files=path, split="train")
-
-    return load_file(train_split), (load_file(test_split) if test_split and "{split}" in name else None)
+def algorithm_checks(args: Args) -> list[tuple[str, bool, str]]:
+    """This script's own flags for check_args: (flag, whether its value is valid, the valid range)."""
+    return [("beta", args.beta > 0, "> 0")]
 
 
-def is_conversational(value) -> bool:
-    """TRL's conversational format: a list of {"role": ..., "content": ...} messages."""
-    return isinstance(value, list) and len(value) > 0 and isinstance(value[0], dict) and "role" in value[0]
+COLUMNS = ["prompt", "completions", "scores"]  # what a row needs: a prompt, a list of completions, a score for each
 
 
-def apply_chat_template(tokenizer, prompt: list, completions: list[list]) -> tuple[str, list[str]]:
-    """Render a conversational prompt with the generation prompt, and each completion as the rendered
-    prompt + completion conversation minus the rendered prompt."""
-    if tokenizer.chat_template is None:
-        raise ValueError("the dataset is conversational (lists of messages) but the tokenizer has no chat "
-                         "template: set tokenizer.chat_template, or use a dataset of plain strings")
-    prompt_text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
-    texts = []
-    for completion in completions:
-        if not is_conversational(completion):
-            raise ValueError("the prompt is a list of messages but a completion is not: use one format")
-        text = tokenizer.apply_chat_template(prompt + completion, tokenize=False)
-        if not text.startswith(prompt_text):
-            raise ValueError(f"the chat template does not render the prompt {prompt_text!r} as a prefix of "
-                             f"prompt + completion {text!r}, so the completion cannot be cut out")
-        texts.append(text[len(prompt_text) :])
-    return prompt_text, texts
+def pad_lists(values: torch.Tensor, list_sizes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N,) values of B lists laid end to end, list by list -> (B, K) right-padded with 0 (K the longest
+    list), and the (B, K) mask of the real items."""
+    padded = torch.nn.utils.rnn.pad_sequence(values.split(list_sizes.tolist()), batch_first=True)
+    valid = torch.arange(padded.shape[1], device=values.device) < list_sizes[:, None]
+    return padded, valid
 
 
-def tokenize_prompt(tokenizer, text: str) -> list[int]:
-    """Prompt token ids, starting with BOS (once) when the tokenizer has one."""
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    if tokenizer.bos_token_id is not None and ids[:1] != [tokenizer.bos_token_id]:
-        ids = [tokenizer.bos_token_id] + ids
-    if not ids:
-        raise ValueError("the prompt is empty and the tokenizer has no BOS: nothing to predict the completion from")
-    return ids
+def preferred_pairs(scores: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """(B, K, K) mask of the ordered pairs of each list: [b, i, j] when ψ_i > ψ_j strictly, both real."""
+    return (scores[:, :, None] > scores[:, None, :]) & valid[:, :, None] & valid[:, None, :]
 
 
-def tokenize_completion(tokenizer, text: str, add_eos: bool = True) -> list[int]:
-    """Completion token ids, ending with EOS (once) when add_eos."""
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    if add_eos and tokenizer.eos_token_id is None:
-        raise ValueError("the tokenizer has no EOS token to end the completions with: set tokenizer.eos_token")
-    if add_eos and ids[-1:] != [tokenizer.eos_token_id]:
-        ids = ids + [tokenizer.eos_token_id]
-    return ids
-
-
-def truncate(prompt_ids: list[int], completions_ids: list[list[int]], max_length, max_prompt_length, truncation_mode):
-    """Cut the prompt to max_prompt_length tokens (keep_end keeps its end, keep_start its start), then each
-    completion at its end to fit max_length. Raises if not even one completion token fits."""
-    if len(prompt_ids) > max_prompt_length:
-        keep_end = truncation_mode == "keep_end"
-        prompt_ids = prompt_ids[-max_prompt_length:] if keep_end else prompt_ids[:max_prompt_length]
-    room = max_length - len(prompt_ids)
-    if room < 1:
-        raise ValueError(f"the prompt takes {len(prompt_ids)} tokens, which leaves no room for the completion "
-                         f"within --max-length {max_length}: lower --max-prompt-length or raise --max-length")
-    return prompt_ids, [ids[:room] for ids in completions_ids]
+def lambda_weights(rewards: torch.Tensor, scores: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """LiPO-λ's pair weights Δ_ij (see lipo_loss), (B, K, K) and without gradient, from (B, K) padded rewards s,
+    labels ψ and the mask of real items: for the ordered pairs ψ_i > ψ_j, 0 elsewhere."""
+    rewards, scores = rewards.detach(), scores.detach()
+    index = torch.arange(rewards.shape[1], device=rewards.device)
+    same = rewards[:, None, :] == rewards[:, :, None]
+    ahead = (rewards[:, None, :] > rewards[:, :, None]) | (same & (index[None, :] < index[:, None]))  # j before i
+    ranks = 1 + (ahead & valid[:, None, :]).sum(-1)
+    gains = torch.exp2(scores) - 1
+    inverse_discounts = 1 / torch.log2(1 + ranks.to(rewards.dtype))
+    deltas = (gains[:, :, None] - gains[:, None, :]).abs() * (
+        inverse_discounts[:, :, None] - inverse_discounts[:, None, :]
+    ).abs()
+    return torch.where(preferred_pairs(scores, valid), deltas, 0)
 
 
 def win_rates(scores: list[float]) -> list[float]:
@@ -402,48 +268,25 @@ def list_labels(example: dict, args: Args) -> list[float]:
     return scores
 
 
-def tokenize_row(example: dict, tokenizer, max_length, max_prompt_length, truncation_mode) -> dict:
-    """A ranked-list example, standard or conversational -> token ids of the prompt and of each completion."""
-    prompt, completions = example["prompt"], list(example["completions"])
-    if is_conversational(prompt):
+def tokenize_row(example: dict, tokenizer, args: Args) -> dict:
+    """A ranked-list row, standard or conversational -> token ids of the prompt and of each completion, and its
+    labels ψ, with the flags that prepare_dataset counts: truncated, unknown (a token the tokenizer could not map)."""
+    scores = list_labels(example, args)
+    columns = {"prompt": example["prompt"], **{f"completions[{k}]": c for k, c in enumerate(example["completions"])}}
+    prompt, *completions = text_columns(columns, list(columns))
+    if not isinstance(prompt, str):
         prompt, completions = apply_chat_template(tokenizer, prompt, completions)
     prompt_ids = tokenize_prompt(tokenizer, prompt)
     completions_ids = [tokenize_completion(tokenizer, text) for text in completions]
     lengths = [len(prompt_ids)] + [len(ids) for ids in completions_ids]
-    prompt_ids, completions_ids = truncate(
-        prompt_ids, completions_ids, max_length, max_prompt_length, truncation_mode
-    )
-    truncated = [len(prompt_ids)] + [len(ids) for ids in completions_ids] != lengths
-    return {"prompt_ids": prompt_ids, "completions_ids": completions_ids, "truncated": truncated}
-
-
-def prepare_dataset(dataset: Dataset, tokenizer, vocab_size: int, args: Args, name="the dataset") -> list[dict]:
-    """Check a ranked-list dataset and tokenize it into a list of `tokenize_row` rows with their labels ψ."""
-    columns = ["prompt", "completions", "scores"]
-    missing = [column for column in columns if column not in dataset.column_names]
-    if missing:
-        raise ValueError(f"{name} lacks the column(s) {missing}: it has {dataset.column_names}, and LiPO needs "
-                         f"{columns} (a prompt, a list of completions as strings or lists of messages, and one "
-                         "score per completion, higher is better): rename the columns")
-    if len(dataset) == 0:
-        raise ValueError(f"{name} is empty: check --dataset-name and the split")
-    rows = []
-    for i, example in enumerate(dataset):
-        try:
-            scores = list_labels(example, args)
-            row = tokenize_row(example, tokenizer, args.max_length, args.max_prompt_length, args.truncation_mode)
-        except ValueError as error:
-            raise ValueError(f"{name}, example {i}: {error}") from error
-        top = max(row["prompt_ids"] + [token for ids in row["completions_ids"] for token in ids])
-        if top >= vocab_size:
-            raise ValueError(f"{name}, example {i}: token id {top} is outside the model's vocabulary of "
-                             f"{vocab_size}: the tokenizer does not belong to the model")
-        rows.append({**row, "scores": scores})
-    return rows
+    prompt_ids, completions_ids = truncate(prompt_ids, completions_ids, tokenizer.bos_token_id, args)
+    return {"prompt_ids": prompt_ids, "completions_ids": completions_ids, "scores": scores,
+            "truncated": [len(prompt_ids)] + [len(ids) for ids in completions_ids] != lengths,
+            "unknown": tokenizer.unk_token_id in prompt_ids + [token for ids in completions_ids for token in ids]}
 
 
 def collate(rows: list[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
-    """B lists -> their N completions as right-padded sequences, list by list: input_ids, attention_mask,
+    """B rows -> their N completions as right-padded sequences, row by row: input_ids, attention_mask,
     labels (N, T), labels being the input ids on completion tokens and -100 on prompt and padding; the (N,)
     scores ψ and the (B,) list sizes; plus the (N,) reference log-probs when the rows carry them."""
     sequences, labels = [], []
@@ -464,47 +307,21 @@ def collate(rows: list[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
     return batch
 
 
-def forward_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, fused_linear: bool = False):
-    """The (N, T, V) logits of a forward pass; with fused_linear instead the pair (last hidden states (N, T, H),
-    lm_head weight (V, H)), which `shifted_logprobs` projects chunk by chunk. Both go through the model's own
-    forward (with no logits to keep), so that DDP syncs the gradients and FSDP gathers the parameters."""
-    if not fused_linear:
-        return model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
-    no_logits = torch.empty(0, dtype=torch.long, device=input_ids.device)
-    output = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, output_hidden_states=True,
-                   logits_to_keep=no_logits)
-    return output.hidden_states[-1], (model.module if isinstance(model, DDP) else model).get_output_embeddings().weight
-
-
-def shifted_logprobs(logits, labels: torch.Tensor) -> torch.Tensor:
-    """(N, T-1) float32 log π(y_t | x, y_<t) of each label: the logits at position t predict token t + 1.
-    `logits` as `forward_logits` returns them: a tensor, or (hidden, weight) for kernels.linear_logprobs."""
-    if isinstance(logits, tuple):
-        hidden, weight = logits
-        return linear_logprobs(hidden[:, :-1], weight, labels[:, 1:])
-    return logprobs(logits[:, :-1], labels[:, 1:])
-
-
-def batch_logps(logits, labels: torch.Tensor) -> torch.Tensor:
-    """(N,) float32 sums of log π(y_t | x, y_<t) over the completion tokens. The logits at position t
-    predict token t + 1, hence the shift; labels are -100 on prompt and padding, which count 0."""
-    return shifted_logprobs(logits, labels).sum(-1)
-
-
-def concatenated_forward(model, batch: dict, fused_linear: bool = False) -> torch.Tensor:
-    """All completions of the batch's lists in one forward pass: their (N,) completion log-probs."""
-    logits = forward_logits(model, batch["input_ids"], batch["attention_mask"], fused_linear)
-    return batch_logps(logits, batch["labels"])
+def concatenated_forward(model, batch: dict, fused_linear: bool = False):
+    """All completions of the batch's lists in one forward pass: their (N,) completion log-probs, and the router's
+    auxiliary loss (0 for dense models)."""
+    logits, aux_loss = forward_logits(model, batch["input_ids"], batch["attention_mask"], fused_linear)
+    return batch_logps(logits, batch["labels"]), aux_loss
 
 
 def compute_loss(model, ref_model, batch: dict, args: Args) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """The mean loss of a batch, and the sums over its lists of the logged metrics."""
-    policy_logps = concatenated_forward(model, batch, args.fused_linear)
+    """The mean loss of a batch, and the sums over its rows of the logged metrics."""
+    policy_logps, aux_loss = concatenated_forward(model, batch, args.fused_linear)
     if ref_model is None:  # precomputed
         reference_logps = batch["reference_logps"]
     else:
         with torch.no_grad():
-            reference_logps = concatenated_forward(ref_model, batch, args.fused_linear)
+            reference_logps, _ = concatenated_forward(ref_model, batch, args.fused_linear)
     losses, rewards = lipo_loss(
         policy_logps, reference_logps, batch["scores"], batch["list_sizes"], args.beta, args.loss_type
     )
@@ -526,24 +343,7 @@ def compute_loss(model, ref_model, batch: dict, args: Args) -> tuple[torch.Tenso
         "logps/chosen": logps.gather(1, chosen).sum(),
         "logps/rejected": logps.gather(1, rejected).sum(),
     }
-    return losses.mean(), metrics
-
-
-def global_batches(num_rows: int, global_batch_size: int, seed: int):
-    """Endless row indices of global batches: a seeded permutation per epoch, its last partial batch dropped."""
-    for epoch in itertools.count():
-        order = torch.randperm(num_rows, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
-        for start in range(0, num_rows - global_batch_size + 1, global_batch_size):
-            yield order[start : start + global_batch_size]
-
-
-def mean_over_ranks(sums: dict[str, torch.Tensor], count: torch.Tensor) -> dict[str, float]:
-    """Metric sums divided by the number of pairs, both summed over all processes."""
-    keys = sorted(sums)
-    totals = torch.stack([sums[key] for key in keys] + [count]).float()
-    if dist.is_initialized():
-        dist.all_reduce(totals)
-    return {key: (totals[i] / totals[-1]).item() for i, key in enumerate(keys)}
+    return losses.mean() + aux_loss, metrics
 
 
 @torch.no_grad()
@@ -573,7 +373,7 @@ def precompute_ref_logps(ref_model, rows: list[dict], args: Args, pad_token_id, 
         chunk = indices[start : start + args.per_device_eval_batch_size]
         batch = {k: v.to(device) for k, v in collate([rows[i] for i in chunk], pad_token_id).items()}
         with autocast:
-            logps = concatenated_forward(ref_model, batch, args.fused_linear)
+            logps, _ = concatenated_forward(ref_model, batch, args.fused_linear)
         mine.update(zip(chunk, (part.tolist() for part in logps.split(batch["list_sizes"].tolist()))))
     shares = [mine]
     if dist.is_initialized():
@@ -582,6 +382,245 @@ def precompute_ref_logps(ref_model, rows: list[dict], args: Args, pad_token_id, 
     for share in shares:
         for i, logps in share.items():
             rows[i]["reference_logps"] = logps
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Plumbing: every function below is the same, byte for byte, in every script that uses it (tests/test_template.py)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def check_args(args: Args) -> None:
+    """Every flag, checked before anything is loaded or written: one error naming each bad flag and its range."""
+    at_least = {"per_device_train_batch_size": 1, "gradient_accumulation_steps": 1, "per_device_eval_batch_size": 1,
+                "num_train_epochs": 1, "max_steps": 1, "logging_steps": 1, "eval_steps": 0, "save_steps": 0,
+                "save_total_limit": 1, "max_length": 1, "max_prompt_length": 1, "lora_r": 1, "threads": 1}
+    checks = [(name.replace("_", "-"), getattr(args, name) is None or getattr(args, name) >= low, f">= {low}")
+              for name, low in at_least.items()]
+    checks += [("learning-rate", args.learning_rate > 0, "> 0"), ("max-grad-norm", args.max_grad_norm > 0, "> 0"),
+               ("warmup-ratio", 0 <= args.warmup_ratio <= 1, "in [0, 1]"),
+               ("lora-dropout", 0 <= args.lora_dropout < 1, "in [0, 1)")] + algorithm_checks(args)
+    problems = [f"--{flag} {getattr(args, flag.replace('-', '_'))}: must be {valid_range}"
+                for flag, valid, valid_range in checks if not valid]
+    path = args.model_name_or_path
+    if (os.path.isabs(path) or path.startswith((".", "~")) or path.count("/") > 1) and not os.path.isdir(path):
+        problems.append(f"--model-name-or-path: no model at {path} (a local directory, or a hub id like org/name)")
+    if args.fsdp and "RANK" not in os.environ:
+        problems.append("--fsdp shards over the processes torchrun starts: launch with torchrun (--nproc_per_node 1 "
+                        "for one process)")
+    if args.resume and args.overwrite:
+        problems.append("--resume continues the run in --output-dir, --overwrite deletes it: choose one")
+    elif args.resume and (args.output_dir is None or latest_checkpoint(args.output_dir) is None):
+        problems.append(f"--resume: no complete checkpoint-<step> in --output-dir {args.output_dir} to continue from")
+    elif args.resume:
+        saved = json.load(open(os.path.join(latest_checkpoint(args.output_dir), "checkpoint.json")))["world_size"]
+        if saved != int(os.environ.get("WORLD_SIZE", "1")):
+            problems.append(f"--resume: the checkpoint was written by {saved} processes: resume with as many")
+    elif args.output_dir and os.path.isdir(args.output_dir) and os.listdir(args.output_dir) and not args.overwrite:
+        problems.append(f"--output-dir {args.output_dir} is not empty: pass --resume to continue its run, --overwrite "
+                        "to start afresh (deleting it), or choose another directory")
+    if problems:
+        raise ValueError("invalid arguments:\n  " + "\n  ".join(problems))
+
+
+def load_splits(name: str, config: str | None, train_split: str, test_split: str | None):
+    """(train, test or None): splits of a hub dataset, or local .json/.jsonl/.csv/.parquet files where `{split}` in
+    the name is replaced by the split (a file name without it is the training data only: no test)."""
+    extension = os.path.splitext(name)[1]
+    if extension not in (".json", ".jsonl", ".csv", ".parquet"):
+        test = load_dataset(name, config, split=test_split) if test_split else None
+        return load_dataset(name, config, split=train_split), test
+
+    def load_file(split):
+        path = name.replace("{split}", split)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"no dataset file {path} (--dataset-name {name}, split {split})")
+        if extension not in (".json", ".jsonl"):
+            return load_dataset(extension[1:], data_files=path, split="train")
+        records, kinds = read_json_records(path), {}
+        try:
+            return Dataset.from_list(records)
+        except (TypeError, ValueError):  # pyarrow: a column whose rows hold values of different types
+            for i, record in enumerate(records):
+                for column, value in record.items():
+                    if value is not None and kinds.setdefault(column, type(value)) is not type(value):
+                        raise ValueError(f"{path}, row {i}: column {column!r} holds {value!r:.80}, a "
+                                         f"{type(value).__name__}, where other rows hold a {kinds[column].__name__}")
+            raise
+
+    return load_file(train_split), (load_file(test_split) if test_split and "{split}" in name else None)
+
+
+def read_json_records(path: str) -> list[dict]:
+    """The rows of a JSON file (a list of objects) or a JSON Lines one (an object per line), with an error naming
+    the file and line of invalid JSON."""
+    with open(path, encoding="utf-8") as file:
+        text = file.read()
+    documents = [(1, text)] if text.lstrip().startswith("[") else enumerate(text.splitlines(), 1)
+    records = []
+    for first_line, document in documents:
+        try:
+            value = json.loads(document) if document.strip() else []
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path}, line {first_line + error.lineno - 1}: invalid JSON ({error.msg})") from None
+        records += value if isinstance(value, list) else [value]
+    if not all(isinstance(record, dict) for record in records):
+        raise ValueError(f"{path}: expected one JSON object per row")
+    return records
+
+
+def is_conversational(value) -> bool:
+    """TRL's conversational format: a list of {"role": ..., "content": ...} messages."""
+    return isinstance(value, list) and len(value) > 0 and isinstance(value[0], dict) and "role" in value[0]
+
+
+def text_columns(example: dict, columns: list[str]) -> list:
+    """The values of a row's text columns, checked: all strings, or all lists of messages."""
+    values = [example[column] for column in columns]
+    for column, value in zip(columns, values):
+        if not isinstance(value, str) and not is_conversational(value):
+            raise ValueError(f"column {column!r} holds {value!r:.80} ({type(value).__name__}): expected a string or a "
+                             'list of {"role": ..., "content": ...} messages; fix or drop the row')
+    if len({isinstance(value, str) for value in values}) > 1:
+        raise ValueError(f"the columns {columns} mix strings and lists of messages: use one format")
+    return values
+
+
+def apply_chat_template(tokenizer, prompt: list, completions: list[list]) -> tuple[str, list[str]]:
+    """Render a conversational prompt with the generation prompt, and each completion as the rendered
+    prompt + completion conversation minus the rendered prompt."""
+    if tokenizer.chat_template is None:
+        raise ValueError("the dataset is conversational (lists of messages) but the tokenizer has no chat "
+                         "template: set tokenizer.chat_template, or use a dataset of plain strings")
+    prompt_text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+    texts = []
+    for completion in completions:
+        text = tokenizer.apply_chat_template(prompt + completion, tokenize=False)
+        if not text.startswith(prompt_text):
+            raise ValueError(f"the chat template does not render the prompt {prompt_text!r} as a prefix of "
+                             f"prompt + completion {text!r}, so the completion cannot be cut out")
+        texts.append(text[len(prompt_text) :])
+    return prompt_text, texts
+
+
+def tokenize_prompt(tokenizer, text: str) -> list[int]:
+    """Prompt token ids, starting with BOS (once) when the tokenizer has one."""
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    if tokenizer.bos_token_id is not None and ids[:1] != [tokenizer.bos_token_id]:
+        ids = [tokenizer.bos_token_id] + ids
+    if not ids:
+        raise ValueError("the prompt is empty and the tokenizer has no BOS: nothing to predict the completion from")
+    return ids
+
+
+def tokenize_completion(tokenizer, text: str, add_eos: bool = True) -> list[int]:
+    """Completion token ids, ending with EOS (once) when add_eos."""
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    if add_eos and tokenizer.eos_token_id is None:
+        raise ValueError("the tokenizer has no EOS token to end the completions with: set tokenizer.eos_token")
+    if add_eos and ids[-1:] != [tokenizer.eos_token_id]:
+        ids = ids + [tokenizer.eos_token_id]
+    return ids
+
+
+def truncate(prompt_ids: list[int], completions_ids: list[list[int]], bos_token_id: int | None, args: Args):
+    """Cut the prompt to --max-prompt-length tokens (keep_end keeps its end and its leading BOS, keep_start its
+    start), then each completion at its end to fit --max-length. Raises if not even one completion token fits."""
+    if len(prompt_ids) > args.max_prompt_length and args.truncation_mode == "keep_start":
+        prompt_ids = prompt_ids[: args.max_prompt_length]
+    elif len(prompt_ids) > args.max_prompt_length:
+        bos = prompt_ids[:1] if bos_token_id is not None and prompt_ids[:1] == [bos_token_id] else []
+        prompt_ids = bos + prompt_ids[len(prompt_ids) - args.max_prompt_length + len(bos) :]
+    room = args.max_length - len(prompt_ids)
+    if room < 1:
+        raise ValueError(f"the prompt takes {len(prompt_ids)} tokens, which leaves no room for the completion "
+                         f"within --max-length {args.max_length}: lower --max-prompt-length or raise --max-length")
+    return prompt_ids, [ids[:room] for ids in completions_ids]
+
+
+def prepare_dataset(dataset: Dataset, tokenizer, vocab_size: int, args: Args, name="the dataset") -> list[dict]:
+    """Check a dataset and tokenize it into a list of `tokenize_row` rows (each with an `unknown` flag too)."""
+    if len(dataset) == 0:
+        raise ValueError(f"{name} has no rows: check --dataset-name and the split")
+    missing = [column for column in COLUMNS if column not in dataset.column_names]
+    if missing == ["prompt"] and is_conversational(dataset[0].get("chosen")):
+        missing = []  # implicit prompt, see extract_prompt
+    if missing:
+        raise ValueError(f"{name} lacks the column(s) {missing}: it has {dataset.column_names}, and "
+                         f"{os.path.basename(__file__)} needs {COLUMNS} (TRL's formats): rename the columns")
+    rows = []
+    for i, example in enumerate(dataset):
+        try:
+            row = tokenize_row(example, tokenizer, args)
+        except ValueError as error:
+            raise ValueError(f"{name}, row {i}: {error}") from error
+        ids = [token for key, value in row.items() if key.endswith("_ids") for token in value]
+        ids = [token for value in ids for token in (value if isinstance(value, list) else [value])]
+        if max(ids) >= vocab_size:
+            raise ValueError(f"{name}, row {i}: token id {max(ids)} is outside the model's vocabulary of "
+                             f"{vocab_size}: the tokenizer does not belong to the model")
+        rows.append({**row, "unknown": tokenizer.unk_token_id in ids})
+    return rows
+
+
+def forward_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, fused_linear: bool = False):
+    """(logits, aux_loss): the (N, T, V) logits, or with fused_linear the last hidden states (N, T, H) and what
+    kernels.linear_logprobs needs to project them chunk by chunk (lm_head's weight and bias, the config's logit_scale
+    and final_logit_softcapping), both from the model's own forward (so that DDP syncs and FSDP gathers); aux_loss is
+    the router's load-balancing loss x router_aux_loss_coef when the config asks for it (output_router_logits,
+    mixture-of-experts models), else 0."""
+    no_logits = {"output_hidden_states": True, "logits_to_keep": torch.empty(0, dtype=torch.long, device=input_ids.device)}
+    output = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **(no_logits if fused_linear else {}))
+    unwrapped = model.module if isinstance(model, DDP) else model
+    config, head = unwrapped.config, unwrapped.get_output_embeddings()
+    aux_loss = config.router_aux_loss_coef * output.aux_loss if getattr(output, "aux_loss", None) is not None else 0.0
+    if not fused_linear:
+        return output.logits, aux_loss
+    return (output.hidden_states[-1], {"weight": head.weight, "bias": getattr(head, "bias", None), "scale": getattr(
+        config, "logit_scale", None), "softcap": getattr(config, "final_logit_softcapping", None)}), aux_loss
+
+
+def shifted_logprobs(logits, labels: torch.Tensor) -> torch.Tensor:
+    """(N, T-1) float32 log π(y_t | x, y_<t) of each label: the logits at position t predict token t + 1.
+    `logits` as `forward_logits` returns them: a tensor, or (hidden, head) for kernels.linear_logprobs."""
+    if isinstance(logits, tuple):
+        hidden, head = logits
+        return linear_logprobs(hidden[:, :-1], head["weight"], labels[:, 1:], bias=head["bias"], scale=head["scale"],
+                               softcap=head["softcap"])
+    return logprobs(logits[:, :-1], labels[:, 1:])
+
+
+def batch_logps(logits, labels: torch.Tensor) -> torch.Tensor:
+    """(N,) float32 sums of log π(y_t | x, y_<t) over the completion tokens. The logits at position t
+    predict token t + 1, hence the shift; labels are -100 on prompt and padding, which count 0."""
+    return shifted_logprobs(logits, labels).sum(-1)
+
+
+def global_batches(num_rows: int, global_batch_size: int, seed: int):
+    """Endless row indices of global batches: a seeded permutation per epoch, its last partial batch dropped."""
+    for epoch in itertools.count():
+        order = torch.randperm(num_rows, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
+        for start in range(0, num_rows - global_batch_size + 1, global_batch_size):
+            yield order[start : start + global_batch_size]
+
+
+def mean_over_ranks(sums: dict[str, torch.Tensor], count: torch.Tensor) -> dict[str, float]:
+    """Metric sums divided by the number of rows, both summed over all processes."""
+    keys = sorted(sums)
+    totals = torch.stack([sums[key] for key in keys] + [count]).float()
+    if dist.is_initialized():
+        dist.all_reduce(totals)
+    return {key: (totals[i] / totals[-1]).item() for i, key in enumerate(keys)}
+
+
+def load_model(args: Args, dtype: torch.dtype, device):
+    """from_pretrained onto the device; with --disable-dropout every dropout set to 0 (a torch.nn.Dropout's p, an
+    attention's float dropout rate), so that the policy trains (and samples) as the reference runs."""
+    model = AutoModelForCausalLM.from_pretrained(args.model_name_or_path, dtype=dtype).to(device)
+    for module in model.modules() if args.disable_dropout else []:
+        for name, value in list(vars(module).items()):
+            if isinstance(value, float) and ("dropout" in name or (name == "p" and isinstance(module, torch.nn.Dropout))):
+                setattr(module, name, 0.0)
+    return model
 
 
 class AdaptersDisabled:
@@ -610,19 +649,18 @@ def lora_target_modules(names: tuple[str, ...]) -> str | list[str]:
 
 @torch.no_grad()
 def check_fused_linear(model, device) -> None:
-    """--fused-linear computes the logits as hidden @ lm_head.weight.T: raise unless the model's own forward does
-    just that (no bias, no adapter on lm_head, no logit scaling or soft-capping), checked on a few tokens."""
-    head = model.get_output_embeddings()
-    input_ids = torch.arange(8, device=device)[None] % head.weight.shape[0]
-    attention_mask = torch.ones_like(input_ids)
-    logits = forward_logits(model, input_ids, attention_mask)
-    hidden, weight = forward_logits(model, input_ids, attention_mask, fused_linear=True)
-    plain = type(head) is torch.nn.Linear and head.bias is None
-    if not plain or getattr(model.config, "final_logit_softcapping", None) or not torch.allclose(
-        hidden @ weight.T, logits, rtol=1e-3, atol=1e-4
-    ):
-        raise ValueError(f"--fused-linear: the logits of {type(model).__name__} are not its last hidden states "
-                         "times lm_head.weight (a bias, an adapter on lm_head, logit scaling or soft-capping)")
+    """Raise unless --fused-linear's log-probs (see forward_logits) equal those of the model's own logits, on a few
+    tokens in eval mode (dropout would differ between the two passes)."""
+    input_ids = torch.arange(8, device=device)[None] % model.get_output_embeddings().weight.shape[0]
+    training = model.training
+    model.eval()
+    full, fused = (shifted_logprobs(forward_logits(model, input_ids, torch.ones_like(input_ids), fused_linear)[0],
+                                    input_ids) for fused_linear in (False, True))
+    model.train(training)
+    if not torch.allclose(fused, full, rtol=1e-4, atol=1e-4):
+        raise ValueError(f"--fused-linear: the logits of {type(model).__name__} are not what its last hidden states, "
+                         "lm_head (weight, bias), logit_scale and final_logit_softcapping give (an adapter on lm_head, "
+                         "another transform): run without --fused-linear")
 
 
 def shard(model) -> None:
@@ -646,8 +684,66 @@ def check_fsdp_shares(num_rows: int, world_size: int, batch_size: int, name: str
                          "forward passes on each: pick another batch size")
 
 
+def note_signal(signum: int, frame) -> None:
+    """SIGTERM (a preempted job) or Ctrl-C: noted, so that the run checkpoints after its step and exits; a second
+    one acts as usual."""
+    SIGNALS.append(signum)
+    signal.signal(signum, signal.SIG_DFL)
+
+
+def latest_checkpoint(output_dir: str) -> str | None:
+    """The newest complete checkpoint-<step> in output_dir (one being written is named checkpoint-<step>.tmp)."""
+    names = os.listdir(output_dir) if os.path.isdir(output_dir) else []
+    steps = [int(name.split("-")[1]) for name in names if re.fullmatch(r"checkpoint-\d+", name)]
+    return os.path.join(output_dir, f"checkpoint-{max(steps)}") if steps else None
+
+
+def save_checkpoint(output_dir: str, step: int, policy, optimizer, scheduler, state: dict, args: Args) -> None:
+    """checkpoint-<step>/: the trainable weights and AdamW state through torch.distributed.checkpoint (one shard per
+    process under FSDP), and each process's RNG states, scheduler and `state`. Written as checkpoint-<step>.tmp and
+    renamed when complete; only the newest --save-total-limit are kept."""
+    rank, world_size = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    path = os.path.join(output_dir, f"checkpoint-{step}")
+    model_state, optimizer_state = get_state_dict(policy, optimizer, options=StateDictOptions(ignore_frozen_params=True))
+    dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=path + ".tmp",
+             no_dist=not dist.is_initialized())
+    rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+           "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+    torch.save({**state, "rng": rng, "scheduler": scheduler.state_dict()}, os.path.join(path + ".tmp", f"rank{rank}.pt"))
+    if dist.is_initialized():
+        dist.barrier()
+    if rank == 0:
+        with open(os.path.join(path + ".tmp", "checkpoint.json"), "w") as file:
+            json.dump({"step": step, "world_size": world_size, "args": asdict(args)}, file, indent=1)
+        shutil.rmtree(path, ignore_errors=True)
+        os.rename(path + ".tmp", path)
+        steps = sorted(int(name.split("-")[1]) for name in os.listdir(output_dir) if re.fullmatch(r"checkpoint-\d+", name))
+        for old in steps[: -args.save_total_limit]:
+            shutil.rmtree(os.path.join(output_dir, f"checkpoint-{old}"))
+
+
+def load_checkpoint(path: str, policy, optimizer, scheduler, device) -> dict:
+    """Restore what save_checkpoint wrote into the policy, optimizer, scheduler and RNGs; return its `state`."""
+    model_state, optimizer_state = get_state_dict(policy, optimizer, options=StateDictOptions(ignore_frozen_params=True))
+    dcp.load({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=path,  # raises if a key is missing
+             no_dist=not dist.is_initialized())
+    set_state_dict(policy, optimizer, model_state_dict=model_state, optim_state_dict=optimizer_state,
+                   options=StateDictOptions(ignore_frozen_params=True, strict=False))  # the frozen weights are not in it
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    state = torch.load(os.path.join(path, f"rank{rank}.pt"), map_location=device, weights_only=False)
+    scheduler.load_state_dict(state.pop("scheduler"))
+    rng = state.pop("rng")
+    random.setstate(rng["python"])
+    np.random.set_state(rng["numpy"])
+    torch.set_rng_state(rng["torch"])
+    if rng["cuda"]:
+        torch.cuda.set_rng_state_all(rng["cuda"])
+    return state
+
+
 if __name__ == "__main__":
     args = tyro.cli(Args)
+    check_args(args)
     start_time = time.time()
     datasets.disable_progress_bars()
     transformers.logging.disable_progress_bar()
@@ -659,9 +755,6 @@ if __name__ == "__main__":
     device = torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
     if use_cuda:
         torch.cuda.set_device(device)
-    if args.fsdp and "RANK" not in os.environ:
-        raise ValueError("--fsdp shards over the processes torchrun starts: launch with torchrun "
-                         "(--nproc_per_node 1 for one process)")
     if world_size > 1 or args.fsdp:
         dist.init_process_group("nccl" if use_cuda else "gloo")
     is_main = rank == 0
@@ -677,28 +770,43 @@ if __name__ == "__main__":
         torch.use_deterministic_algorithms(True, warn_only=True)
         torch.backends.cudnn.deterministic = True
 
-    # run name and logging: only rank 0 writes
+    # run name: the random suffix keeps two runs started in the same second apart; rank 0's is everyone's
     dataset_stem = os.path.splitext(os.path.basename(args.dataset_name))[0].replace("{split}", "").strip("_-.")
-    run_name = f"{dataset_stem}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    names = [f"{dataset_stem}__{args.exp_name}__{args.seed}__{int(time.time())}_{secrets.token_hex(2)}"]
+    if dist.is_initialized():
+        dist.broadcast_object_list(names)
+    run_name = names[0]
     output_dir = args.output_dir or os.path.join("runs", run_name)
-    if is_main:
-        if args.track:
-            import wandb
 
-            wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True,
-                       config=asdict(args), name=run_name, save_code=True)
-        os.makedirs(output_dir, exist_ok=True)
-        writer = SummaryWriter(output_dir)
-        table = "\n".join(f"|{key}|{value}|" for key, value in asdict(args).items())
-        writer.add_text("hyperparameters", f"|param|value|\n|-|-|\n{table}")
-        metrics_file = open(os.path.join(output_dir, "metrics.jsonl"), "w")
-
-    # model and tokenizer: the policy trains; the reference is a frozen copy in eval mode (with --lora: the
-    # policy's own base model, adapters disabled); --fsdp shards both, DDP replicates the policy otherwise
+    # data, tokenized and checked before the models load
     tokenizer = AutoTokenizer.from_pretrained(args.model_name_or_path)
     pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    config = AutoConfig.from_pretrained(args.model_name_or_path)
+    positions = getattr(config, "max_position_embeddings", None)
+    if positions is not None and args.max_length > positions:
+        if is_main:
+            print(f"note: --max-length {args.max_length} is beyond the model's {positions} positions: using {positions}")
+        args.max_length = positions
+    train_data, test_data = load_splits(
+        args.dataset_name, args.dataset_config, args.dataset_train_split, args.dataset_test_split
+    )
+    train_rows = prepare_dataset(train_data, tokenizer, config.vocab_size, args, "the train split")
+    eval_rows = prepare_dataset(test_data, tokenizer, config.vocab_size, args, "the test split") if test_data else []
+    for flag, what in (("truncated", "were truncated to --max-prompt-length / --max-length"),
+                       ("unknown", "hold text the tokenizer maps to its unknown token"),
+                       ("identical", "have chosen equal to rejected: they give no gradient")):
+        count = sum(row.get(flag, False) for row in train_rows + eval_rows)
+        if count and is_main:
+            print(f"warning: {count} of {len(train_rows) + len(eval_rows)} rows {what}")
+    if args.fsdp:
+        check_fsdp_shares(len(eval_rows), world_size, args.per_device_eval_batch_size, "the test split")
+        if args.precompute_ref_logps:
+            check_fsdp_shares(len(train_rows), world_size, args.per_device_eval_batch_size, "the train split")
+
+    # models: the policy trains; the reference is a frozen copy in eval mode (with --lora: the policy's own base
+    # model, adapters disabled); --fsdp shards both, DDP replicates the policy otherwise
     dtype = getattr(torch, args.dtype)
-    policy = AutoModelForCausalLM.from_pretrained(args.model_name_or_path, dtype=dtype).to(device)
+    policy = load_model(args, dtype, device)
     policy.train()
     if args.gradient_checkpointing:
         policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -711,7 +819,7 @@ if __name__ == "__main__":
         ))
         ref_model = AdaptersDisabled(policy)
     else:
-        ref_model = AutoModelForCausalLM.from_pretrained(args.model_name_or_path, dtype=dtype).to(device)
+        ref_model = load_model(args, dtype, device)
         ref_model.eval().requires_grad_(False)
     if args.fused_linear:
         check_fused_linear(policy, device)
@@ -721,21 +829,6 @@ if __name__ == "__main__":
             shard(ref_model)
     model = DDP(policy, device_ids=[local_rank] if use_cuda else None) if world_size > 1 and not args.fsdp else policy
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16)
-
-    # data
-    vocab_size = policy.get_input_embeddings().num_embeddings
-    train_data, test_data = load_splits(
-        args.dataset_name, args.dataset_config, args.dataset_train_split, args.dataset_test_split
-    )
-    train_rows = prepare_dataset(train_data, tokenizer, vocab_size, args, "the train split")
-    eval_rows = prepare_dataset(test_data, tokenizer, vocab_size, args, "the test split") if test_data else []
-    truncated = sum(row["truncated"] for row in train_rows + eval_rows)
-    if truncated and is_main:
-        print(f"warning: {truncated} examples truncated to --max-prompt-length / --max-length")
-    if args.fsdp:
-        check_fsdp_shares(len(eval_rows), world_size, args.per_device_eval_batch_size, "the test split")
-        if args.precompute_ref_logps:
-            check_fsdp_shares(len(train_rows), world_size, args.per_device_eval_batch_size, "the train split")
     if args.precompute_ref_logps:
         precompute_ref_logps(ref_model, train_rows, args, pad_token_id, device, autocast)
         precompute_ref_logps(ref_model, eval_rows, args, pad_token_id, device, autocast)
@@ -746,19 +839,43 @@ if __name__ == "__main__":
     global_batch_size = micro_batch_size * world_size * accumulation
     steps_per_epoch = len(train_rows) // global_batch_size
     if steps_per_epoch == 0:
-        raise ValueError(f"the train split has {len(train_rows)} lists, less than a global batch ({global_batch_size})")
+        raise ValueError(f"the train split has {len(train_rows)} rows, less than a global batch ({global_batch_size})")
     total_steps = args.max_steps if args.max_steps is not None else args.num_train_epochs * steps_per_epoch
     optimizer = torch.optim.AdamW(policy.parameters(), lr=args.learning_rate, weight_decay=0.0)
     scheduler = get_scheduler(args.lr_scheduler_type, optimizer, round(args.warmup_ratio * total_steps), total_steps)
+
+    # output directory: written only now that model and data have loaded; --resume restores the newest checkpoint
+    state = {"step": 0, "sums": {}, "count": torch.zeros((), device=device), "train_metrics": {}, "eval_metrics": {}}
+    if args.resume:
+        state = load_checkpoint(latest_checkpoint(output_dir), policy, optimizer, scheduler, device)
     if is_main:
-        print(f"{run_name}: {len(train_rows)} train and {len(eval_rows)} test lists; {total_steps} steps of "
-              f"{global_batch_size} lists ({world_size} processes x {micro_batch_size} x {accumulation}) on {device}")
+        if args.overwrite:
+            shutil.rmtree(output_dir, ignore_errors=True)
+        os.makedirs(output_dir, exist_ok=True)
+        if args.track:
+            import wandb
+
+            wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True,
+                       config=asdict(args), name=run_name, save_code=True)
+        writer = SummaryWriter(output_dir, purge_step=state["step"] + 1 if args.resume else None)
+        table = "\n".join(f"|{key}|{value}|" for key, value in asdict(args).items())
+        writer.add_text("hyperparameters", f"|param|value|\n|-|-|\n{table}")
+        metrics_path = os.path.join(output_dir, "metrics.jsonl")
+        kept = [line for line in open(metrics_path) if json.loads(line)["step"] <= state["step"]] if args.resume else []
+        metrics_file = open(metrics_path, "w")
+        metrics_file.writelines(kept)
+        print(f"{run_name}: {len(train_rows)} train and {len(eval_rows)} test rows; {total_steps} steps of "
+              f"{global_batch_size} rows ({world_size} processes x {micro_batch_size} x {accumulation}) on {device}; "
+              + (f"resuming after step {state['step']}" if args.resume else f"writing to {output_dir}"))
+    if dist.is_initialized():
+        dist.barrier()
 
     # training: each step takes one global batch; micro-batch m of process r is its slice m * world_size + r
-    batches = global_batches(len(train_rows), global_batch_size, args.seed)
-    sums, count = {}, torch.zeros((), device=device)
-    train_metrics, eval_metrics = {}, {}
-    progress = tqdm(range(1, total_steps + 1), disable=not is_main, dynamic_ncols=True)
+    batches = itertools.islice(global_batches(len(train_rows), global_batch_size, args.seed), state["step"], None)
+    sums, count, train_metrics, eval_metrics = state["sums"], state["count"], state["train_metrics"], state["eval_metrics"]
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, note_signal)
+    progress = tqdm(range(state["step"] + 1, total_steps + 1), disable=not is_main, dynamic_ncols=True)
     for step in progress:
         indices = next(batches)
         for micro_step in range(accumulation):
@@ -799,6 +916,19 @@ if __name__ == "__main__":
                 writer.add_scalar(key, value, step)
             metrics_file.write(json.dumps({"step": step, **logs}) + "\n")
             metrics_file.flush()
+        stop = torch.tensor(float(len(SIGNALS)), device=device)
+        if dist.is_initialized():
+            dist.all_reduce(stop, op=dist.ReduceOp.MAX)  # every process stops after the same step
+        if stop or (args.save_steps > 0 and step % args.save_steps == 0):
+            state = {"step": step, "sums": sums, "count": count, "train_metrics": train_metrics, "eval_metrics": eval_metrics}
+            save_checkpoint(output_dir, step, policy, optimizer, scheduler, state, args)
+        if stop:
+            if is_main:
+                print(f"stopped by a signal after step {step} of {total_steps}, checkpoint saved: continue with "
+                      f"--resume --output-dir {output_dir}")
+            if dist.is_initialized():
+                dist.destroy_process_group()
+            sys.exit(128 + (SIGNALS or [signal.SIGTERM])[0])
 
     # save and summarise; under FSDP every process takes part in gathering the full state dict onto rank 0
     state_dict = None
@@ -815,8 +945,6 @@ if __name__ == "__main__":
                         f", eval/rewards/margins {eval_metrics['eval/rewards/margins']:.3f}")
         print(f"{run_name} done in {time.time() - start_time:.0f}s: {summary}; policy saved to {output_dir}")
         if args.lora:
-            print(f"{output_dir} holds the LoRA adapter, not the full model: with peft installed, "
-                  f"AutoModelForCausalLM.from_pretrained({output_dir!r}) loads the base model and the adapter; "
-                  "peft.AutoPeftModelForCausalLM too, and its merge_and_unload() gives a plain model")
+            print(f"{output_dir} holds the LoRA adapter: with peft installed, from_pretrained loads base and adapter")
     if dist.is_initialized():
         dist.destroy_process_group()

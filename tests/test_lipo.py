@@ -14,6 +14,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 from algos.dpo import dpo_loss
 from algos.lipo import (
     Args,
+    check_args,
     collate,
     compute_loss,
     concatenated_forward,
@@ -22,6 +23,7 @@ from algos.lipo import (
     pad_lists,
     precompute_ref_logps,
     prepare_dataset,
+    tokenize_row,
     win_rates,
 )
 
@@ -208,14 +210,26 @@ def test_truncation_cuts_every_completion(tokenizer):
 
 @pytest.mark.parametrize("example,message", [
     ({"prompt": "Q: 1\n", "completions": ["Answer: 1"], "ranks": [1]}, r"lacks the column\(s\) \['scores'\].*rename"),
-    ({**EXAMPLE, "completions": []}, r"example 0: `completions` must be a non-empty list"),
-    ({**EXAMPLE, "scores": [1.0, 0.0]}, r"example 0: `scores` must be a list with one score per completion: 3"),
-    ({**EXAMPLE, "scores": [1.0, float("nan"), 0.0]}, r"example 0: the scores must be finite numbers"),
-    ({**EXAMPLE, "scores": [1.0, None, 0.0]}, r"example 0: the scores must be finite numbers"),
+    ({**EXAMPLE, "completions": []}, r"row 0: `completions` must be a non-empty list"),
+    ({**EXAMPLE, "scores": [1.0, 0.0]}, r"row 0: `scores` must be a list with one score per completion: 3"),
+    ({**EXAMPLE, "scores": [1.0, float("nan"), 0.0]}, r"row 0: the scores must be finite numbers"),
+    ({**EXAMPLE, "scores": [1.0, None, 0.0]}, r"row 0: the scores must be finite numbers"),
+    ({**EXAMPLE, "prompt": None}, r"row 0: column 'prompt' holds None \(NoneType\): expected a string or a list of"),
+    ({**CONVERSATION, "completions": [[], *CONVERSATION["completions"][1:]]}, r"row 0: column 'completions\[0\]' holds \[\]"),
 ])
 def test_bad_lists_are_named(tokenizer, example, message):
     with pytest.raises(ValueError, match=message):
         prepare(tokenizer, example)
+
+
+def test_a_list_mixing_strings_and_messages_is_named(tokenizer):
+    class Rows(list):  # keeps the Python values as they are (Arrow refuses a column mixing lists and strings)
+        column_names = ["prompt", "completions", "scores"]
+
+    mixed = {**CONVERSATION, "completions": [*CONVERSATION["completions"][:2], "Answer: 9"]}
+    with pytest.raises(ValueError, match=r"row 1: the columns \['prompt', 'completions\[0\]', 'completions\[1\]', "
+                                         r"'completions\[2\]'\] mix strings and lists of messages"):
+        prepare_dataset(Rows([CONVERSATION, mixed]), tokenizer, len(tokenizer), Args())
 
 
 def test_raw_scores_that_break_an_objective_are_errors(tokenizer):
@@ -227,20 +241,20 @@ def test_raw_scores_that_break_an_objective_are_errors(tokenizer):
         prepare(tokenizer, {**EXAMPLE, "scores": [200.0, 0.0, 1.0]}, score_transform="none")
 
 
-def test_an_example_that_cannot_fit_is_an_error(tokenizer):
+def test_a_row_that_cannot_fit_is_an_error(tokenizer):
     long_prompt = {**EXAMPLE, "prompt": "Q: " + "1+" * 20 + "1\n"}
-    with pytest.raises(ValueError, match=r"example 1: the prompt takes 16 tokens.*no room.*--max-prompt-length"):
+    with pytest.raises(ValueError, match=r"row 1: the prompt takes 16 tokens.*no room.*--max-prompt-length"):
         prepare(tokenizer, EXAMPLE, long_prompt, max_length=16, max_prompt_length=16)
 
 
 def test_empty_dataset_is_an_error(tokenizer):
     empty = Dataset.from_dict({"prompt": [], "completions": [], "scores": []})
-    with pytest.raises(ValueError, match="the train split is empty"):
+    with pytest.raises(ValueError, match="the train split has no rows"):
         prepare_dataset(empty, tokenizer, 100, Args(), "the train split")
 
 
 def test_token_ids_outside_the_vocabulary_are_an_error(tokenizer):
-    with pytest.raises(ValueError, match=r"example 0: token id \d+ is outside the model's vocabulary of 10"):
+    with pytest.raises(ValueError, match=r"row 0: token id \d+ is outside the model's vocabulary of 10"):
         prepare_dataset(dataset(EXAMPLE), tokenizer, 10, Args())
 
 
@@ -300,7 +314,9 @@ def test_accuracies_count_the_ordered_pairs_of_each_list(tokenizer, tiny_model):
         row["reference_logps"] = logps
     batch = collate(rows, tokenizer.pad_token_id)
     _, metrics = compute_loss(tiny_model, None, batch, Args())
-    rewards = Args().beta * (concatenated_forward(tiny_model, batch) - batch["reference_logps"])
+    logps, aux_loss = concatenated_forward(tiny_model, batch)
+    assert aux_loss == 0  # a dense model has no router loss
+    rewards = Args().beta * (logps - batch["reference_logps"])
     ordered_right = lambda s, pairs: sum(s[i] > s[j] for i, j in pairs) / len(pairs)  # noqa: E731
     expected = ordered_right(rewards[:3], [(0, 1), (0, 2), (2, 1)]) + ordered_right(rewards[3:5], [(1, 0)]) + 0
     assert metrics["rewards/accuracies"].item() == pytest.approx(expected)
@@ -317,3 +333,19 @@ def test_precomputed_reference_logps_match_the_reference_model(tokenizer, tiny_m
     torch.testing.assert_close(precomputed[0], on_the_fly[0])
     for key, value in on_the_fly[1].items():
         torch.testing.assert_close(precomputed[1][key], value, msg=key)
+
+
+def test_a_row_is_tokenized_by_tokenize_row_with_its_labels(tokenizer):
+    row = tokenize_row(EXAMPLE, tokenizer, Args(score_transform="none"))
+    assert row == {**prepare(tokenizer, EXAMPLE, score_transform="none")[0], "unknown": False}
+    bos = [tokenizer.bos_token_id]  # keep_end keeps the BOS that starts the prompt
+    cut = tokenize_row(EXAMPLE, tokenizer, Args(max_prompt_length=5, max_length=12))
+    assert cut["prompt_ids"] == bos + row["prompt_ids"][-4:] and cut["truncated"]
+    assert cut["completions_ids"] == [ids[:7] for ids in row["completions_ids"]]
+
+
+@pytest.mark.parametrize("beta", [0.0, -0.5])
+def test_beta_is_checked_before_anything_loads(beta):
+    with pytest.raises(ValueError, match=rf"invalid arguments:\n  --beta {beta}: must be > 0"):
+        check_args(Args(beta=beta))
+    check_args(Args())  # the defaults pass
