@@ -160,8 +160,8 @@ def cpl_loss(
     policy_rejected_logps: torch.Tensor,
     policy_chosen_mean_logps: torch.Tensor,
     alpha: float,
+    bc_coef: float,
     conservative_bias: float = 0.5,
-    bc_coef: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The CPL loss of each pair, and the segment scores.
 
@@ -240,7 +240,7 @@ def compute_loss(model, batch: dict, args: Args) -> tuple[torch.Tensor, dict[str
         model, batch, args.fused_linear, args.discount
     )
     losses, chosen_rewards, rejected_rewards = cpl_loss(
-        policy_chosen_logps, policy_rejected_logps, chosen_mean_logps, args.alpha, args.conservative_bias, args.bc_coef,
+        policy_chosen_logps, policy_rejected_logps, chosen_mean_logps, args.alpha, args.bc_coef, args.conservative_bias,
     )
     metrics = {
         "loss": losses.detach().sum(),

@@ -161,7 +161,7 @@ def ipo_loss(
     chosen_lengths: torch.Tensor,
     rejected_lengths: torch.Tensor,
     tau: float,
-    length_normalize: bool = True,
+    length_normalize: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The IPO loss of each pair, and the implicit rewards.
 
@@ -170,8 +170,7 @@ def ipo_loss(
         h = (policy_chosen - reference_chosen)/n(yw) - (policy_rejected - reference_rejected)/n(yl)
         loss = (h - 1/(2τ))²                                  (τ > 0; a larger τ is a smaller target)
     returns (losses, chosen_rewards, rejected_rewards), each (B,): the per-pair losses (differentiable)
-    and the rewards τ·(policy - reference)/n(y) of each completion (detached). length_normalize defaults to True
-    here, unlike --length-normalize, because tests/golden/ipo.ipo_loss.json pins calls that rely on it.
+    and the rewards τ·(policy - reference)/n(y) of each completion (detached).
     """
     chosen_logratios = policy_chosen_logps - reference_chosen_logps
     rejected_logratios = policy_rejected_logps - reference_rejected_logps

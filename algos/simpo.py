@@ -163,8 +163,8 @@ def simpo_loss(
     rejected_lengths: torch.Tensor,
     beta: float,
     gamma_beta_ratio: float,
+    sft_weight: float,
     label_smoothing: float = 0.0,
-    sft_weight: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The SimPO loss of each pair, and the rewards.
 
@@ -174,9 +174,7 @@ def simpo_loss(
         loss_i = -(1 - ε)·log σ(z_i) - ε·log σ(-z_i) + λ·B·(-policy_chosen_i) / max(Σ_j count(yw_j), 1)
     so that the mean of the B losses is the SimPO loss plus λ times the mean NLL per chosen token (each pair
     carries its share of the SFT term). Returns (losses, chosen_rewards, rejected_rewards), each (B,): the
-    per-pair losses (differentiable) and the rewards β·policy/n(y) of each completion (detached). sft_weight
-    defaults to 0 (plain SimPO) here, unlike --sft-weight, because tests/golden/simpo.simpo_loss.json pins calls
-    that rely on it.
+    per-pair losses (differentiable) and the rewards β·policy/n(y) of each completion (detached).
     """
     chosen_rewards = beta * policy_chosen_logps / chosen_lengths.clamp(min=1)
     rejected_rewards = beta * policy_rejected_logps / rejected_lengths.clamp(min=1)
@@ -253,7 +251,7 @@ def compute_loss(model, batch: dict, args: Args) -> tuple[torch.Tensor, dict[str
     chosen_lengths, rejected_lengths = completion_lengths(batch["labels"]).chunk(2)
     losses, chosen_rewards, rejected_rewards = simpo_loss(
         policy_chosen_logps, policy_rejected_logps, chosen_lengths, rejected_lengths,
-        args.beta, args.gamma_beta_ratio, args.label_smoothing, args.sft_weight,
+        args.beta, args.gamma_beta_ratio, args.sft_weight, args.label_smoothing,
     )
     metrics = {
         "loss": losses.detach().sum(),

@@ -94,13 +94,13 @@ def test_compute_loss_is_the_reference_cpl_loss_on_model_log_probs(tokenizer, ti
 
 def test_lambda1_gamma1_no_bc_is_logistic_on_alpha_times_logp_difference():
     chosen, rejected = torch.tensor([-10.0, -3.0]), torch.tensor([-12.0, -1.0])
-    losses, _, _ = cpl_loss(chosen, rejected, torch.zeros(2), alpha=0.2, conservative_bias=1.0)
+    losses, _, _ = cpl_loss(chosen, rejected, torch.zeros(2), alpha=0.2, bc_coef=0.0, conservative_bias=1.0)
     torch.testing.assert_close(losses, -torch.nn.functional.logsigmoid(0.2 * (chosen - rejected)))
 
 
 def test_scores_carry_no_gradient_and_lambda_does_not_bias_them():
     chosen = torch.tensor([-1.0, -2.0], requires_grad=True)
-    losses, chosen_scores, rejected_scores = cpl_loss(chosen, chosen.flip(0), chosen, alpha=0.5, conservative_bias=0.5)
+    losses, chosen_scores, rejected_scores = cpl_loss(chosen, chosen.flip(0), chosen, alpha=0.5, bc_coef=0.0, conservative_bias=0.5)
     assert losses.requires_grad and not chosen_scores.requires_grad and not rejected_scores.requires_grad
     torch.testing.assert_close(rejected_scores, torch.tensor([-1.0, -0.5]))
 

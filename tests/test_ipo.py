@@ -113,7 +113,7 @@ def test_empty_completions_give_finite_loss_and_gradient(length_normalize):
 def test_rewards_carry_no_gradient():
     policy = torch.tensor([-1.0, -2.0], requires_grad=True)
     lengths = torch.tensor([3, 4])
-    losses, chosen, rejected = ipo_loss(policy, policy.flip(0), torch.zeros(2), torch.zeros(2), lengths, lengths, 0.1)
+    losses, chosen, rejected = ipo_loss(policy, policy.flip(0), torch.zeros(2), torch.zeros(2), lengths, lengths, 0.1, False)
     assert losses.requires_grad and not chosen.requires_grad and not rejected.requires_grad
 
 

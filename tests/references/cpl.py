@@ -93,6 +93,10 @@ CASES = [
      "hand": {"losses": [0.0, 1000.0], "grad_policy_chosen_logps": [0.0, -0.1], "grad_policy_rejected_logps": [0.0, 0.05]}},
 ]
 
+# cpl_loss has no default for bc_coef: a case that does not set it tests plain CPL.
+for case in CASES:
+    case.setdefault("hyperparameters", {}).setdefault("bc_coef", 0.0)
+
 LOSSES = {
     "cpl_loss": {
         "reference": cpl_loss,

@@ -99,6 +99,10 @@ CASES = [
      "hand": {"losses": [999.0 ** 2, 1001.0 ** 2], "grad_policy_chosen_logps": [199.8, -200.2]}},
 ]
 
+# ipo_loss has no default for length_normalize: a case that does not set it tests the length-normalised form.
+for case in CASES:
+    case.setdefault("hyperparameters", {}).setdefault("length_normalize", True)
+
 LOSSES = {
     "ipo_loss": {
         "reference": ipo_loss,

@@ -105,6 +105,10 @@ CASES = [
      "hand": {"losses": [0.0, 1000.0], "grad_policy_chosen_logps": [0.0, -1.0]}},
 ]
 
+# simpo_loss has no default for sft_weight: a case that does not set it tests plain SimPO.
+for case in CASES:
+    case.setdefault("hyperparameters", {}).setdefault("sft_weight", 0.0)
+
 LOSSES = {
     "simpo_loss": {
         "reference": simpo_loss,
