@@ -2,8 +2,8 @@
 
 Rafailov et al. 2023 (arXiv:2305.18290) call it Preferred-FT: maximum likelihood on the preferred completions of
 the preference data, the rejected ones unused, no reference model. With logp(y) the summed completion log-probs
-under the policy and |y| the completion's tokens, over the B rows of a micro-batch:
-    loss = -Σ_i logp(yw_i) / Σ_i |yw_i|          (the mean negative log-likelihood per chosen token)
+under the policy and |y| the completion's tokens, for a row (x, yw), averaged over the rows of the batch:
+    loss = -logp(yw) / |yw|          (the completion's mean negative log-likelihood per token)
 Data: prompt, chosen (strings or lists of messages; TRL's formats; a rejected column is ignored).
 
     python algos/sft.py                                                        # the bundled task, CPU, minutes
@@ -148,13 +148,14 @@ class Args:
 
 
 def sft_loss(policy_chosen_logps: torch.Tensor, chosen_lengths: torch.Tensor) -> torch.Tensor:
-    """The SFT loss of each row: its share of the mean negative log-likelihood per chosen token.
+    """The SFT loss of each row: the mean negative log-likelihood per token of its chosen completion.
 
     Inputs are (B,) sums of completion-token log-probs and (B,) integer completion token counts. Returns the (B,)
-    losses loss_i = -B·policy_chosen_i / max(Σ_j count_j, 1), whose mean is -Σ_i policy_chosen_i / Σ_i count_i: every
-    token of the micro-batch weighs the same, as in TRL's SFTTrainer (a long completion weighs more than a short one).
+    losses -policy_chosen / max(count, 1) (an empty completion has loss 0). Each row weighs the same whatever its
+    length, so the loss of a global batch is the same however it is cut into micro-batches and processes (TRL's
+    SFTTrainer weighs every token of the batch the same instead).
     """
-    return -len(policy_chosen_logps) * policy_chosen_logps / chosen_lengths.sum().clamp(min=1)
+    return -policy_chosen_logps / chosen_lengths.clamp(min=1)
 
 
 def algorithm_checks(args: Args) -> list[tuple[str, bool, str]]:
