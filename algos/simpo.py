@@ -635,7 +635,10 @@ def load_checkpoint(path: str, policy, optimizer, scheduler, device) -> dict:
 
 if __name__ == "__main__":
     args = tyro.cli(Args)
-    check_args(args)
+    try:
+        check_args(args)
+    except ValueError as error:  # a bad flag: its message, not a traceback
+        sys.exit(f"error: {error}")
     start_time = time.time()
     datasets.disable_progress_bars()
     transformers.logging.disable_progress_bar()

@@ -53,7 +53,10 @@ print("RESULTS " + json.dumps(results))
 """
 
 
-@pytest.fixture(scope="module")
+LORA_FUSED = pytest.mark.xdist_group("lora_fused")  # one worker runs the shared fixture, under pytest-xdist
+
+
+@pytest.fixture(scope="session")  # not module: a worker interleaves modules, and would run it again
 def lora_fused_runs(tmp_path_factory):
     """script -> (output dir, metrics) of one step with --lora --fused-linear."""
     root = tmp_path_factory.mktemp("lora_fused")
@@ -67,6 +70,7 @@ def lora_fused_runs(tmp_path_factory):
     return root, json.loads(line[-1][len("RESULTS "):])
 
 
+@LORA_FUSED
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_one_step_with_lora_and_fused_linear(script, lora_fused_runs):
     root, results = lora_fused_runs
@@ -77,6 +81,7 @@ def test_one_step_with_lora_and_fused_linear(script, lora_fused_runs):
     assert not (root / script / "model.safetensors").exists(), "--lora saves the adapter, not the whole model"
 
 
+@LORA_FUSED
 def test_saved_adapter_loads_with_peft(lora_fused_runs):
     from peft import AutoPeftModelForCausalLM
 
@@ -212,6 +217,7 @@ def test_fsdp_two_processes_match_golden_and_save_a_full_model(tmp_path):
     assert sorted(saved) == sorted(base) and any(not torch.equal(saved[k], base[k]) for k in base)
 
 
+@LORA_FUSED
 def test_nash_md_fsdp_matches_one_process(lora_fused_runs, tmp_path):
     root, results = lora_fused_runs
     assert results["nash_md"] is None, results["nash_md"]

@@ -149,11 +149,11 @@ def test_default_run_names_never_collide(tmp_path):
 @pytest.mark.parametrize("flags", [[], ["--fsdp"]], ids=["ddp", "fsdp"])
 def test_torchrun_resume_is_bit_for_bit(flags, tmp_path):
     golden = json.loads((REPO / "tests/golden/dpo.run.json").read_text())
-    args = golden["torchrun_args"] + flags + ["--save-steps", "2", "--save-total-limit", "2"]
+    args = golden["torchrun_args"] + flags + ["--max-steps", "4", "--save-steps", "1", "--save-total-limit", "2"]
     run_script("algos/dpo.py", args, tmp_path / "a", nproc=2)
-    assert sorted(p.name for p in (tmp_path / "a").glob("checkpoint-*")) == ["checkpoint-4", "checkpoint-6"]
-    assert len(list((tmp_path / "a" / "checkpoint-4").glob("*.distcp"))) == 2  # one file per process
-    interrupted_copy(tmp_path / "a", tmp_path / "b", 4)
+    assert sorted(p.name for p in (tmp_path / "a").glob("checkpoint-*")) == ["checkpoint-3", "checkpoint-4"]
+    assert len(list((tmp_path / "a" / "checkpoint-3").glob("*.distcp"))) == 2  # one file per process
+    interrupted_copy(tmp_path / "a", tmp_path / "b", 3)
     run_script("algos/dpo.py", args + ["--resume"], tmp_path / "b", nproc=2)
     assert_same_run(tmp_path / "b", tmp_path / "a")
 

@@ -164,8 +164,9 @@ def run_script(script_path: str, args: list[str], output_dir: Path, nproc: int =
     if nproc == 1:
         command = [sys.executable, script_path]
     else:
-        command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-                   "--master_port", str(29500 + os.getpid() % 1000), script_path]
+        # --standalone: a free port of its own, so that parallel test workers never collide
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+                   script_path]
     command += [*args, "--output-dir", str(output_dir)]
     done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
     if done.returncode != 0:
