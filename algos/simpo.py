@@ -590,13 +590,21 @@ def latest_checkpoint(output_dir: str) -> str | None:
     return os.path.join(output_dir, f"checkpoint-{max(steps)}") if steps else None
 
 
+def trainable_state(policy, optimizer) -> tuple[dict, dict]:
+    """The state dicts of the trainable weights (with --lora the adapter; a weight tied to a frozen one, as lm_head to
+    the embeddings, is left out too) and of AdamW, as torch.distributed.checkpoint saves and loads them."""
+    model_state, optimizer_state = get_state_dict(policy, optimizer, options=StateDictOptions(ignore_frozen_params=True))
+    trainable = {name for name, parameter in policy.named_parameters() if parameter.requires_grad}
+    return {key: value for key, value in model_state.items() if key in trainable}, optimizer_state
+
+
 def save_checkpoint(output_dir: str, step: int, policy, optimizer, scheduler, state: dict, args: Args) -> None:
     """checkpoint-<step>/: the trainable weights and AdamW state through torch.distributed.checkpoint (one shard per
     process under FSDP), and each process's RNG states, scheduler and `state`. Written as checkpoint-<step>.tmp and
     renamed when complete; only the newest --save-total-limit are kept."""
     rank, world_size = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     path = os.path.join(output_dir, f"checkpoint-{step}")
-    model_state, optimizer_state = get_state_dict(policy, optimizer, options=StateDictOptions(ignore_frozen_params=True))
+    model_state, optimizer_state = trainable_state(policy, optimizer)
     dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=path + ".tmp",
              no_dist=not dist.is_initialized())
     rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
@@ -616,11 +624,11 @@ def save_checkpoint(output_dir: str, step: int, policy, optimizer, scheduler, st
 
 def load_checkpoint(path: str, policy, optimizer, scheduler, device) -> dict:
     """Restore what save_checkpoint wrote into the policy, optimizer, scheduler and RNGs; return its `state`."""
-    model_state, optimizer_state = get_state_dict(policy, optimizer, options=StateDictOptions(ignore_frozen_params=True))
+    model_state, optimizer_state = trainable_state(policy, optimizer)
     dcp.load({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=path,  # raises if a key is missing
              no_dist=not dist.is_initialized())
     set_state_dict(policy, optimizer, model_state_dict=model_state, optim_state_dict=optimizer_state,
-                   options=StateDictOptions(ignore_frozen_params=True, strict=False))  # the frozen weights are not in it
+                   options=StateDictOptions(strict=False))  # the frozen weights are not in it
     rank = dist.get_rank() if dist.is_initialized() else 0
     state = torch.load(os.path.join(path, f"rank{rank}.pt"), map_location=device, weights_only=False)
     scheduler.load_state_dict(state.pop("scheduler"))

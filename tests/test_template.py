@@ -158,6 +158,20 @@ def test_torchrun_resume_is_bit_for_bit(flags, tmp_path):
     assert_same_run(tmp_path / "b", tmp_path / "a")
 
 
+def test_lora_checkpoints_hold_the_adapter_and_resume_bit_for_bit(tmp_path):
+    import torch.distributed.checkpoint as dcp
+
+    golden = json.loads((REPO / "tests/golden/dpo.run.json").read_text())
+    args = golden["args"] + ["--lora", "--max-steps", "4", "--save-steps", "2"]
+    run_script("algos/dpo.py", args, tmp_path / "a")
+    saved = dcp.FileSystemReader(str(tmp_path / "a" / "checkpoint-2")).read_metadata().state_dict_metadata
+    weights = [key for key in saved if key.startswith("model.")]
+    assert weights and all("lora_" in key for key in weights), "the frozen base model was saved too"
+    interrupted_copy(tmp_path / "a", tmp_path / "b", 2)
+    run_script("algos/dpo.py", args + ["--resume"], tmp_path / "b")
+    assert_same_run(tmp_path / "b", tmp_path / "a")
+
+
 def test_sigterm_checkpoints_and_the_resumed_run_is_bit_for_bit(tmp_path):
     flags = ["--max-steps", "30", "--per-device-train-batch-size", "4", "--logging-steps", "1", "--eval-steps", "0",
              "--save-steps", "0", "--dataset-test-split", "None"]
