@@ -183,16 +183,19 @@ def tokenize_row(example: dict, tokenizer, args: Args) -> dict:
 
 
 def collate(rows: list[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
-    """B rows -> B right-padded sequences: input_ids, attention_mask, labels (B, T), labels being the input ids on
-    completion tokens and -100 on prompt and padding."""
-    sequences = [row["prompt_ids"] + row["chosen_ids"] for row in rows]
-    labels = [[-100] * len(row["prompt_ids"]) + row["chosen_ids"] for row in rows]
+    """B rows -> B right-padded sequences: input_ids, attention_mask, labels (B, T),
+    labels being the input ids on completion tokens and -100 on prompt and padding."""
+    sequences, labels = [], []
+    for row in rows:
+        sequences.append(row["prompt_ids"] + row["chosen_ids"])
+        labels.append([-100] * len(row["prompt_ids"]) + row["chosen_ids"])
     length = max(map(len, sequences))
-    return {
+    batch = {
         "input_ids": torch.tensor([s + [pad_token_id] * (length - len(s)) for s in sequences]),
         "attention_mask": torch.tensor([[1] * len(s) + [0] * (length - len(s)) for s in sequences]),
         "labels": torch.tensor([s + [-100] * (length - len(s)) for s in labels]),
     }
+    return batch
 
 
 def completion_lengths(labels: torch.Tensor) -> torch.Tensor:
