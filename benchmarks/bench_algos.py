@@ -1,16 +1,19 @@
 """Every algorithm on the bundled task, side by side: held-out accuracy, KL to the base model, speed.
 
     pip install -r requirements.txt -r benchmarks/requirements.txt
-    python benchmarks/bench_algos.py --quick       # each script's defaults, 1 seed, 40 steps (5.1 min on 2 cores)
-    python benchmarks/bench_algos.py               # 3 seeds x 3 values of each main knob (~3.5 h on 2 cores,
-                                                   # estimated: 72 runs of 1.5-3 min plus ~1 min of evaluation)
+    python benchmarks/bench_algos.py --quick       # each script's defaults, 1 seed, 40 steps
+    python benchmarks/bench_algos.py               # 3 seeds x 3 values of each main knob, and the variants (hours)
     python benchmarks/bench_algos.py --scripts dpo ipo --seeds 1 2
+    python benchmarks/bench_algos.py --jobs 1      # one run at a time: the step rates of a CPU of its own
 
-Each run is `python algos/<script>.py --seed S --<knob> V --output-dir ...` in its own process (one at
-a time, so timings do not compete); its saved policy is then scored by benchmarks/arith/evaluate.py
-(greedy and sampled accuracy on the held-out prompts, step correctness, length, KL(policy || base)).
-Outputs, under --out-dir: results.json (every run), results.md (the table: means over seeds),
-frontier.png (sampled accuracy against KL, one curve per algorithm over its knob, as in the DPO
+Each run is `python algos/<script>.py --seed S --<knob> V --output-dir ...` in its own process, --jobs at a time
+(default 2, one per core of a 2-core machine: the table then says that the wall times and step rates were measured
+with the CPU shared); its saved policy is then scored by benchmarks/arith/evaluate.py in its own process (greedy
+and sampled accuracy on the held-out prompts, step correctness, length, KL(policy || base), ranking accuracy on
+the held-out pairs). VARIANTS adds labelled runs of a script without an optional term (SimPO without its SFT term,
+CPL without its BC term), at the default knob value, for every seed.
+Outputs, under --out-dir: results.json (every run), results.md (the table: mean ± standard error over seeds),
+frontier.png (sampled accuracy against KL, one curve per algorithm over its knob, with standard errors, as in the DPO
 paper's reward-KL frontier) and curves.png (training loss per step of each default run).
 """
 
@@ -20,14 +23,13 @@ import statistics
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import tyro
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-from benchmarks.arith.evaluate import evaluate_policy  # noqa: E402
 
 # script -> (its main regularisation knob, the sweep of the full mode; the middle value is the default)
 KNOBS = {
@@ -40,6 +42,11 @@ KNOBS = {
     "lipo": ("beta", [0.25, 0.5, 1.0]),
     "nash_md": ("tau", [0.05, 0.1, 0.3]),
     "sft": ("learning_rate", [1e-4, 2e-4, 5e-4]),
+}
+# script -> [(label, flags)]: the script without an optional term of its default, run beside its defaults
+VARIANTS = {
+    "simpo": [("no SFT term", ["--sft-weight", "0"])],
+    "cpl": [("no BC term", ["--bc-coef", "0"])],
 }
 
 
@@ -58,7 +65,9 @@ class Args:
     out_dir: str = str(REPO / "benchmarks/results/algos")
     """where results, table and plots go (runs under <out-dir>/runs/)"""
     threads: int = 1
-    """torch CPU threads of each training run (its --threads; the evaluation uses torch's default)"""
+    """torch CPU threads of each training run and evaluation"""
+    jobs: int = 2
+    """runs at a time (training and evaluation); with more than 1 the wall times and step rates share the CPU"""
 
 
 def run(script: str, extra: list[str], output_dir: Path, threads: int) -> dict:
@@ -86,23 +95,42 @@ def run(script: str, extra: list[str], output_dir: Path, threads: int) -> dict:
             "peak_memory_mib": peak_kib / 1024, "metrics": metrics}
 
 
+def evaluate(run_dir: Path, eval_k: int, threads: int) -> dict:
+    """evaluate.py on a saved policy, in its own process (its sampling seeds torch's global random generator)."""
+    out = run_dir.with_suffix(".eval.json")
+    command = [sys.executable, str(REPO / "benchmarks/arith/evaluate.py"), str(run_dir), "--k", str(eval_k),
+               "--threads", str(threads), "--out", str(out)]
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"{' '.join(command)} failed:\n{done.stderr[-3000:]}")
+    return json.loads(out.read_text())[str(run_dir)]
+
+
+def mean_and_stderr(values: list[float]) -> str:
+    """The mean over seeds, with its standard error when there are several."""
+    text = f"{statistics.mean(values):.3f}"
+    return text + (f" ± {statistics.stdev(values) / len(values) ** 0.5:.3f}" if len(values) > 1 else "")
+
+
 def table(results: list[dict], base: dict) -> str:
-    lines = ["| script | knob | seeds | greedy acc | sampled acc | step acc | length | KL | wall s | steps/s | peak MiB |",
-             "|---|---|---|---|---|---|---|---|---|---|---|",
+    lines = ["| script | knob | seeds | greedy acc | sampled acc | step acc | length | KL | ranking acc | wall s | "
+             "steps/s | peak MiB |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|",
              f"| base model | - | - | {base['greedy_accuracy']:.3f} | {base['sampled_accuracy']:.3f} | "
-             f"{base['sampled_step_accuracy']:.3f} | {base['mean_length']:.1f} | 0 | - | - | - |"]
+             f"{base['sampled_step_accuracy']:.3f} | {base['mean_length']:.1f} | 0 | {base['ranking_accuracy']:.3f} "
+             "| - | - | - |"]
     groups = {}
     for r in results:
-        groups.setdefault((r["script"], r["knob"], r["value"]), []).append(r)
-    for (script, knob, value), runs in groups.items():
-        def mean(key, source="eval"):
-            values = [r[source][key] for r in runs]
-            text = f"{statistics.mean(values):.3f}"
-            return text + (f" ± {statistics.stdev(values):.3f}" if len(values) > 1 else "")
+        groups.setdefault((r["script"], r["variant"], r["knob"], r["value"]), []).append(r)
+    for (script, variant, knob, value), runs in groups.items():
+        def cell(key):
+            return mean_and_stderr([r["eval"][key] for r in runs])
         knob_text = f"{knob}={value}" if value is not None else "defaults"
-        lines.append(f"| {script} | {knob_text} | {len(runs)} | {mean('greedy_accuracy')} | {mean('sampled_accuracy')} | "
-                     f"{mean('sampled_step_accuracy')} | {statistics.mean(r['eval']['mean_length'] for r in runs):.1f} | "
-                     f"{mean('kl')} | {statistics.mean(r['train']['seconds'] for r in runs):.0f} | "
+        name = f"{script} ({variant})" if variant else script
+        lines.append(f"| {name} | {knob_text} | {len(runs)} | {cell('greedy_accuracy')} | {cell('sampled_accuracy')} | "
+                     f"{cell('sampled_step_accuracy')} | {statistics.mean(r['eval']['mean_length'] for r in runs):.1f} | "
+                     f"{cell('kl')} | {cell('ranking_accuracy')} | "
+                     f"{statistics.mean(r['train']['seconds'] for r in runs):.0f} | "
                      f"{statistics.mean(r['train']['steps_per_second'] for r in runs):.2f} | "
                      f"{max(r['train']['peak_memory_mib'] for r in runs):.0f} |")
     return "\n".join(lines) + "\n"
@@ -116,13 +144,15 @@ def plots(results: list[dict], base: dict, out: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(6, 4.5))
     ax.scatter([0], [base["sampled_accuracy"]], color="black", marker="*", s=120, label="base model", zorder=3)
-    for script in dict.fromkeys(r["script"] for r in results):
+    for script, variant in dict.fromkeys((r["script"], r["variant"]) for r in results):
         points = {}
         for r in results:
-            if r["script"] == script:
+            if (r["script"], r["variant"]) == (script, variant):
                 points.setdefault(r["value"], []).append((r["eval"]["kl"], r["eval"]["sampled_accuracy"]))
-        xy = sorted((statistics.mean(p[0] for p in v), statistics.mean(p[1] for p in v)) for v in points.values())
-        ax.plot([p[0] for p in xy], [p[1] for p in xy], marker="o", label=script)
+        xy = sorted((statistics.mean(p[0] for p in v), statistics.mean(p[1] for p in v),
+                     statistics.stdev(p[1] for p in v) / len(v) ** 0.5 if len(v) > 1 else 0.0) for v in points.values())
+        ax.errorbar([p[0] for p in xy], [p[1] for p in xy], yerr=[p[2] for p in xy], marker="o", capsize=2,
+                    label=f"{script} ({variant})" if variant else script)
     ax.set_xlabel("KL(policy || base), nats per completion")
     ax.set_ylabel("held-out accuracy of samples at temperature 1")
     ax.legend(fontsize=8)
@@ -148,32 +178,45 @@ if __name__ == "__main__":
     (out / "runs").mkdir(parents=True, exist_ok=True)
     eval_k = 4 if args.quick else args.eval_k
     start = time.time()
-    base = evaluate_policy(str(REPO / "benchmarks/arith/model"), k=eval_k)
+    base = evaluate(REPO / "benchmarks/arith/model", eval_k, args.threads)
     print(f"base model: greedy {base['greedy_accuracy']:.3f}, sampled {base['sampled_accuracy']:.3f}")
-    results = []
+    configs = []  # (script, variant label, flags, knob, value, seed)
     for script in args.scripts:
         if not (REPO / "algos" / f"{script}.py").exists():
             print(f"{script}: skipped (no algos/{script}.py)")
             continue
         knob, values = KNOBS[script]
-        configs = [(None, 1)] if args.quick else [(v, s) for v in values for s in args.seeds]
-        for value, seed in configs:
-            extra = ["--seed", str(seed)]
-            extra += ["--max-steps", str(args.quick_steps)] if args.quick else []
-            extra += [f"--{knob.replace('_', '-')}", str(value)] if value is not None else []
-            name = f"{script}__{knob}{value}__seed{seed}" if value is not None else f"{script}__defaults__seed{seed}"
-            train = run(script, extra, out / "runs" / name, args.threads)
-            scores = evaluate_policy(str(out / "runs" / name), k=eval_k)
-            results.append({"script": script, "knob": knob, "value": value, "seed": seed, "train": train, "eval": scores,
-                            "is_default": value is None or value == values[len(values) // 2]})
-            print(f"{name}: {train['seconds']:.0f}s, greedy {scores['greedy_accuracy']:.3f}, "
-                  f"sampled {scores['sampled_accuracy']:.3f}, KL {scores['kl']:.2f}")
+        seeds = [1] if args.quick else args.seeds
+        configs += [(script, None, [], knob, None if args.quick else value, seed)
+                    for value in ([None] if args.quick else values) for seed in seeds]
+        configs += [(script, label, flags, knob, None, seed) for label, flags in VARIANTS.get(script, []) for seed in seeds]
+
+    def run_config(config) -> dict:
+        script, variant, flags, knob, value, seed = config
+        extra = ["--seed", str(seed), *flags]
+        extra += ["--max-steps", str(args.quick_steps)] if args.quick else []
+        extra += [f"--{knob.replace('_', '-')}", str(value)] if value is not None else []
+        label = f"{knob}{value}" if value is not None else (variant or "defaults").replace(" ", "_")
+        name = f"{script}__{label}__seed{seed}"
+        train = run(script, extra, out / "runs" / name, args.threads)
+        scores = evaluate(out / "runs" / name, eval_k, args.threads)
+        print(f"{name}: {train['seconds']:.0f}s, greedy {scores['greedy_accuracy']:.3f}, "
+              f"sampled {scores['sampled_accuracy']:.3f}, KL {scores['kl']:.2f}", flush=True)
+        is_default = variant is None and (value is None or value == KNOBS[script][1][len(KNOBS[script][1]) // 2])
+        return {"script": script, "variant": variant, "knob": knob, "value": value, "seed": seed, "train": train,
+                "eval": scores, "is_default": is_default}
+
+    results = []
+    with ThreadPoolExecutor(args.jobs) as pool:
+        for result in pool.map(run_config, configs):
+            results.append(result)
             (out / "results.json").write_text(json.dumps({"base": base, "quick": args.quick, "runs": results}, indent=1))
     text = table(results, base)
     elapsed = time.time() - start
     header = (f"Bundled task, {'--quick (defaults, 1 seed, ' + str(args.quick_steps) + ' steps max)' if args.quick else 'full sweep'}; "
-              f"evaluation: {base['n_prompts']} held-out prompts, greedy and {eval_k} samples each; "
-              f"total time {elapsed / 60:.1f} min on {os.cpu_count()} CPU cores\n\n")
+              f"evaluation: {base['n_prompts']} held-out prompts, greedy and {eval_k} samples each; mean ± standard "
+              f"error over seeds; total time {elapsed / 60:.1f} min on {os.cpu_count()} CPU cores, {args.jobs} runs at a "
+              f"time{' (wall times and step rates measured with the CPU shared)' if args.jobs > 1 else ''}\n\n")
     (out / "results.md").write_text(header + text)
-    plots(results, base, out)
     print(header + text)
+    plots(results, base, out)
