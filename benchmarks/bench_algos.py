@@ -95,9 +95,9 @@ def run(script: str, extra: list[str], output_dir: Path, threads: int) -> dict:
             "peak_memory_mib": peak_kib / 1024, "metrics": metrics}
 
 
-def evaluate(run_dir: Path, eval_k: int, threads: int) -> dict:
-    """evaluate.py on a saved policy, in its own process (its sampling seeds torch's global random generator)."""
-    out = run_dir.with_suffix(".eval.json")
+def evaluate(run_dir: Path, eval_k: int, threads: int, out: Path) -> dict:
+    """evaluate.py on a saved policy, in its own process (its sampling seeds torch's global random generator);
+    its JSON goes to `out`."""
     command = [sys.executable, str(REPO / "benchmarks/arith/evaluate.py"), str(run_dir), "--k", str(eval_k),
                "--threads", str(threads), "--out", str(out)]
     done = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
@@ -178,7 +178,7 @@ if __name__ == "__main__":
     (out / "runs").mkdir(parents=True, exist_ok=True)
     eval_k = 4 if args.quick else args.eval_k
     start = time.time()
-    base = evaluate(REPO / "benchmarks/arith/model", eval_k, args.threads)
+    base = evaluate(REPO / "benchmarks/arith/model", eval_k, args.threads, out / "runs" / "base_model.eval.json")
     print(f"base model: greedy {base['greedy_accuracy']:.3f}, sampled {base['sampled_accuracy']:.3f}")
     configs = []  # (script, variant label, flags, knob, value, seed)
     for script in args.scripts:
@@ -199,7 +199,7 @@ if __name__ == "__main__":
         label = f"{knob}{value}" if value is not None else (variant or "defaults").replace(" ", "_")
         name = f"{script}__{label}__seed{seed}"
         train = run(script, extra, out / "runs" / name, args.threads)
-        scores = evaluate(out / "runs" / name, eval_k, args.threads)
+        scores = evaluate(out / "runs" / name, eval_k, args.threads, out / "runs" / f"{name}.eval.json")
         print(f"{name}: {train['seconds']:.0f}s, greedy {scores['greedy_accuracy']:.3f}, "
               f"sampled {scores['sampled_accuracy']:.3f}, KL {scores['kl']:.2f}", flush=True)
         is_default = variant is None and (value is None or value == KNOBS[script][1][len(KNOBS[script][1]) // 2])
