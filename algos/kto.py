@@ -78,7 +78,7 @@ class Args:
     """keep only the newest this many checkpoints"""
 
     model_name_or_path: str = os.path.join(REPO, "benchmarks/arith/model")
-    """the policy to train and the frozen reference: a hub id or a local directory"""
+    """the policy to train, and the frozen reference of the algorithms that have one: a hub id or a local directory"""
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     """dtype of the weights (and AdamW state); keep float32 and use --bf16 for mixed precision"""
     bf16: bool = False
@@ -88,11 +88,11 @@ class Args:
     disable_dropout: bool = True
     """if toggled, set every dropout of the loaded models to 0 (before LoRA, whose own dropout stays)"""
     fsdp: bool = False
-    """if toggled, shard the policy and the reference over the processes with FSDP2 (each decoder layer, then
+    """if toggled, shard the policy (and any reference) over the processes with FSDP2 (each decoder layer, then
     the root) instead of replicating them with DDP; needs torchrun (--nproc_per_node 1 for one process)"""
     lora: bool = False
-    """if toggled, train LoRA adapters (peft) instead of all weights; the reference is then the base model
-    with the adapters disabled (no second copy), and the adapter is what gets saved"""
+    """if toggled, train LoRA adapters (peft) instead of all weights; a reference is then the base model with
+    the adapters disabled (no second copy), and the adapter is what gets saved"""
     lora_r: int = 16
     """the rank of the LoRA updates"""
     lora_alpha: int = 32
@@ -140,8 +140,6 @@ class Args:
     """passes over the training split (ignored when --max-steps is set)"""
     max_steps: int | None = None
     """if set, train for exactly this many optimiser steps"""
-    precompute_ref_logps: bool = False
-    """if toggled, compute the reference log-probs once before training and free the reference model"""
     logging_steps: int = 10
     """log training metrics every this many optimiser steps"""
     eval_steps: int = 100
@@ -191,9 +189,7 @@ def algorithm_checks(args: Args) -> list[tuple[str, bool, str]]:
     return [("beta", args.beta > 0, "> 0"), ("desirable-weight", args.desirable_weight > 0, "> 0"),
             ("undesirable-weight", args.undesirable_weight > 0, "> 0"),
             ("per-device-train-batch-size", args.per_device_train_batch_size * world_size >= 2, pairing),
-            ("per-device-eval-batch-size", args.per_device_eval_batch_size * world_size >= 2, pairing),
-            ("precompute-ref-logps", not args.precompute_ref_logps, "off: the reference model scores the "
-             "mismatched pairs of every batch, which change from batch to batch")]
+            ("per-device-eval-batch-size", args.per_device_eval_batch_size * world_size >= 2, pairing)]
 
 
 COLUMNS = ["prompt", "completion", "label"]  # what a row needs (TRL's unpaired preference format)
@@ -469,8 +465,8 @@ def text_columns(example: dict, columns: list[str]) -> list:
 
 def extract_prompt(example: dict) -> dict:
     """TRL's implicit-prompt format (chosen and rejected are whole conversations, no conversational prompt
-    column): the leading messages they share become the prompt."""
-    chosen, rejected = example["chosen"], example["rejected"]
+    column): the leading messages they share become the prompt. Other rows are returned as they are."""
+    chosen, rejected = example["chosen"], example.get("rejected")
     if not is_conversational(chosen) or not is_conversational(rejected) or is_conversational(example.get("prompt")):
         return example
     shared = 0

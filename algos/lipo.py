@@ -81,7 +81,7 @@ class Args:
     """keep only the newest this many checkpoints"""
 
     model_name_or_path: str = os.path.join(REPO, "benchmarks/arith/model")
-    """the policy to train and the frozen reference: a hub id or a local directory"""
+    """the policy to train, and the frozen reference of the algorithms that have one: a hub id or a local directory"""
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     """dtype of the weights (and AdamW state); keep float32 and use --bf16 for mixed precision"""
     bf16: bool = False
@@ -91,11 +91,11 @@ class Args:
     disable_dropout: bool = True
     """if toggled, set every dropout of the loaded models to 0 (before LoRA, whose own dropout stays)"""
     fsdp: bool = False
-    """if toggled, shard the policy and the reference over the processes with FSDP2 (each decoder layer, then
+    """if toggled, shard the policy (and any reference) over the processes with FSDP2 (each decoder layer, then
     the root) instead of replicating them with DDP; needs torchrun (--nproc_per_node 1 for one process)"""
     lora: bool = False
-    """if toggled, train LoRA adapters (peft) instead of all weights; the reference is then the base model
-    with the adapters disabled (no second copy), and the adapter is what gets saved"""
+    """if toggled, train LoRA adapters (peft) instead of all weights; a reference is then the base model with
+    the adapters disabled (no second copy), and the adapter is what gets saved"""
     lora_r: int = 16
     """the rank of the LoRA updates"""
     lora_alpha: int = 32

@@ -30,6 +30,8 @@ from pathlib import Path
 import tyro
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+from benchmarks.arith.evaluate import mean_and_stderr  # noqa: E402
 
 # script -> (its main regularisation knob, the sweep of the full mode; the middle value is the default)
 KNOBS = {
@@ -106,10 +108,10 @@ def evaluate(run_dir: Path, eval_k: int, threads: int, out: Path) -> dict:
     return json.loads(out.read_text())[str(run_dir)]
 
 
-def mean_and_stderr(values: list[float]) -> str:
+def mean_over_seeds(values: list[float]) -> str:
     """The mean over seeds, with its standard error when there are several."""
-    text = f"{statistics.mean(values):.3f}"
-    return text + (f" ± {statistics.stdev(values) / len(values) ** 0.5:.3f}" if len(values) > 1 else "")
+    mean, stderr = mean_and_stderr(values)
+    return f"{mean:.3f}" + (f" ± {stderr:.3f}" if len(values) > 1 else "")
 
 
 def table(results: list[dict], base: dict) -> str:
@@ -124,7 +126,7 @@ def table(results: list[dict], base: dict) -> str:
         groups.setdefault((r["script"], r["variant"], r["knob"], r["value"]), []).append(r)
     for (script, variant, knob, value), runs in groups.items():
         def cell(key):
-            return mean_and_stderr([r["eval"][key] for r in runs])
+            return mean_over_seeds([r["eval"][key] for r in runs])
         knob_text = f"{knob}={value}" if value is not None else "defaults"
         name = f"{script} ({variant})" if variant else script
         lines.append(f"| {name} | {knob_text} | {len(runs)} | {cell('greedy_accuracy')} | {cell('sampled_accuracy')} | "

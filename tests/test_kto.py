@@ -303,7 +303,6 @@ def test_a_batch_of_one_cannot_estimate_z0(monkeypatch):
     ({"beta": 0.0}, "--beta 0.0: must be > 0"),
     ({"desirable_weight": 0.0}, "--desirable-weight 0.0: must be > 0"),
     ({"undesirable_weight": -1.0}, "--undesirable-weight -1.0: must be > 0"),
-    ({"precompute_ref_logps": True}, "--precompute-ref-logps True: must be off: the reference model scores"),
 ])
 def test_kto_s_own_flags_are_checked_before_anything_loads(overrides, message):
     with pytest.raises(ValueError, match="invalid arguments") as error:

@@ -1,16 +1,15 @@
 """algos/sft.py beyond its golden values: the tokens it learns from (chosen only, prompt and padding masked), the
-loss of a whole batch through the model against a plain token-level cross-entropy, and its data errors, on a tiny
-character tokenizer and a random Llama built here. The loss is pinned by tests/golden/sft.sft_loss.json, the whole
+loss of a whole batch through the model against per-row cross-entropies, and its data errors, on the tiny
+character tokenizer and random Llama of tests/test_dpo.py. The loss is pinned by tests/golden/sft.sft_loss.json, the whole
 script by tests/test_runs.py; the plumbing shared with dpo.py by tests/test_dpo.py and tests/test_template.py."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 from datasets import Dataset
-from tokenizers import Tokenizer, models, processors
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from algos.sft import Args, collate, compute_loss, prepare_dataset, sft_loss
+from tests.test_dpo import make_tokenizer, tiny_model  # noqa: F401 (the fixture: the tiny Llama of dpo.py's tests)
 
 EXAMPLES = [
     {"prompt": "Q: (1+2)*3\n", "chosen": "1 + 2 = 3\n3 * 3 = 9\nAnswer: 9", "rejected": "Answer: 8"},
@@ -21,22 +20,7 @@ EXAMPLES = [
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    chars = dict.fromkeys("0123456789+-*()=: \nQAnswer")
-    vocab = {token: i for i, token in enumerate(["<pad>", "<s>", "</s>", "<unk>", *chars])}
-    backend = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
-    backend.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
-    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
-                                   unk_token="<unk>")
-
-
-@pytest.fixture(scope="module")
-def model(tokenizer):
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                         pad_token_id=tokenizer.pad_token_id)
-    return LlamaForCausalLM(config).eval()
+    return make_tokenizer()
 
 
 def test_rows_hold_the_prompt_and_the_chosen_completion_only(tokenizer):
@@ -49,11 +33,11 @@ def test_rows_hold_the_prompt_and_the_chosen_completion_only(tokenizer):
         prepare_dataset(Dataset.from_list([{"prompt": "Q: 1\n", "completion": "1"}]), tokenizer, 100, Args())
 
 
-def test_loss_is_each_completion_s_cross_entropy_averaged_over_rows(tokenizer, model):
+def test_loss_is_each_completion_s_cross_entropy_averaged_over_rows(tokenizer, tiny_model):
     rows = prepare_dataset(Dataset.from_list(EXAMPLES), tokenizer, len(tokenizer), Args())
     batch = collate(rows, tokenizer.pad_token_id)
-    loss, metrics = compute_loss(model, batch, Args())
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.double()
+    loss, metrics = compute_loss(tiny_model, batch, Args())
+    logits = tiny_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.double()
     per_row = [F.cross_entropy(logits[i, :-1], batch["labels"][i, 1:], ignore_index=-100) for i in range(len(rows))]
     expected = sum(per_row) / len(rows)
     assert loss.item() == pytest.approx(expected.item(), rel=1e-5)

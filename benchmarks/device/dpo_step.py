@@ -53,8 +53,11 @@ def make_batch(pairs, prompt_len, completion_len, vocab, device):
 
 
 def sequence_logps(model, ids, labels, fused):
+    # algos/dpo.py's --fused-linear path (its forward_logits): the model's own forward with no logits kept. The
+    # script itself is not imported: its tensorboard and tyro imports need more than a bare GPU image has.
     if fused:
-        hidden = model.model(input_ids=ids).last_hidden_state
+        no_logits = torch.empty(0, dtype=torch.long, device=ids.device)
+        hidden = model(input_ids=ids, output_hidden_states=True, logits_to_keep=no_logits).hidden_states[-1]
         return linear_logprobs(hidden[:, :-1], model.lm_head.weight, labels[:, 1:]).sum(-1)
     return logprobs(model(input_ids=ids).logits[:, :-1], labels[:, 1:]).sum(-1)
 
