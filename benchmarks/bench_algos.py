@@ -12,9 +12,12 @@ with the CPU shared); its saved policy is then scored by benchmarks/arith/evalua
 and sampled accuracy on the held-out prompts, step correctness, length, KL(policy || base), ranking accuracy on
 the held-out pairs). VARIANTS adds labelled runs of a script without an optional term (SimPO without its SFT term,
 CPL without its BC term), at the default knob value, for every seed.
-Outputs, under --out-dir: results.json (every run), results.md (the table: mean ± standard error over seeds),
+Outputs, under --out-dir: records/<run>.json (one per finished run: its training figures, logged metrics and
+evaluation; committed, small), results.json (every run), results.md (the table: mean ± standard error over seeds),
 frontier.png (sampled accuracy against KL, one curve per algorithm over its knob, with standard errors, as in the DPO
-paper's reward-KL frontier) and curves.png (training loss per step of each default run).
+paper's reward-KL frontier) and curves.png (training loss per step of each default run). A run whose record exists
+is not run again (--rerun does): an interrupted sweep continues where it stopped, and --scripts can add to a table.
+The defaults and variants of every script run first, then the rest of each knob sweep.
 """
 
 import json
@@ -64,8 +67,11 @@ class Args:
     """the step cap of --quick"""
     eval_k: int = 8
     """samples per held-out prompt at temperature 1 (--quick uses 4)"""
-    out_dir: str = str(REPO / "benchmarks/results/algos")
-    """where results, table and plots go (runs under <out-dir>/runs/)"""
+    out_dir: str | None = None
+    """where records, results, table and plots go (policies under <out-dir>/runs/); default
+    benchmarks/results/algos, or benchmarks/results/algos_quick with --quick"""
+    rerun: bool = False
+    """run again the runs that already have a record under <out-dir>/records/"""
     threads: int = 1
     """torch CPU threads of each training run and evaluation"""
     jobs: int = 2
@@ -176,49 +182,68 @@ def plots(results: list[dict], base: dict, out: Path) -> None:
 
 if __name__ == "__main__":
     args = tyro.cli(Args)
-    out = Path(args.out_dir)
+    out = Path(args.out_dir or REPO / "benchmarks/results" / ("algos_quick" if args.quick else "algos"))
     (out / "runs").mkdir(parents=True, exist_ok=True)
+    (out / "records").mkdir(exist_ok=True)
     eval_k = 4 if args.quick else args.eval_k
     start = time.time()
-    base = evaluate(REPO / "benchmarks/arith/model", eval_k, args.threads, out / "runs" / "base_model.eval.json")
+    base_record = out / "records" / "base_model.json"
+    if base_record.exists() and not args.rerun:
+        base = json.loads(base_record.read_text())
+    else:
+        base = evaluate(REPO / "benchmarks/arith/model", eval_k, args.threads, out / "runs" / "base_model.eval.json")
+        base_record.write_text(json.dumps(base, indent=1))
     print(f"base model: greedy {base['greedy_accuracy']:.3f}, sampled {base['sampled_accuracy']:.3f}")
-    configs = []  # (script, variant label, flags, knob, value, seed)
+    defaults, sweeps = [], []  # (script, variant label, flags, knob, value, seed)
     for script in args.scripts:
         if not (REPO / "algos" / f"{script}.py").exists():
             print(f"{script}: skipped (no algos/{script}.py)")
             continue
         knob, values = KNOBS[script]
         seeds = [1] if args.quick else args.seeds
-        configs += [(script, None, [], knob, None if args.quick else value, seed)
-                    for value in ([None] if args.quick else values) for seed in seeds]
-        configs += [(script, label, flags, knob, None, seed) for label, flags in VARIANTS.get(script, []) for seed in seeds]
+        default = values[len(values) // 2]
+        defaults += [(script, None, [], knob, None if args.quick else default, seed) for seed in seeds]
+        defaults += [(script, label, flags, knob, None, seed) for label, flags in VARIANTS.get(script, [])
+                     for seed in seeds]
+        sweeps += [(script, None, [], knob, value, seed) for value in ([] if args.quick else values)
+                   for seed in seeds if value != default]
 
     def run_config(config) -> dict:
         script, variant, flags, knob, value, seed = config
+        label = f"{knob}{value}" if value is not None else (variant or "defaults").replace(" ", "_")
+        name = f"{script}__{label}__seed{seed}"
+        record = out / "records" / f"{name}.json"
+        if record.exists() and not args.rerun:
+            return json.loads(record.read_text())
         extra = ["--seed", str(seed), *flags]
         extra += ["--max-steps", str(args.quick_steps)] if args.quick else []
         extra += [f"--{knob.replace('_', '-')}", str(value)] if value is not None else []
-        label = f"{knob}{value}" if value is not None else (variant or "defaults").replace(" ", "_")
-        name = f"{script}__{label}__seed{seed}"
         train = run(script, extra, out / "runs" / name, args.threads)
+        eval_start = time.time()
         scores = evaluate(out / "runs" / name, eval_k, args.threads, out / "runs" / f"{name}.eval.json")
         print(f"{name}: {train['seconds']:.0f}s, greedy {scores['greedy_accuracy']:.3f}, "
               f"sampled {scores['sampled_accuracy']:.3f}, KL {scores['kl']:.2f}", flush=True)
         is_default = variant is None and (value is None or value == KNOBS[script][1][len(KNOBS[script][1]) // 2])
-        return {"script": script, "variant": variant, "knob": knob, "value": value, "seed": seed, "train": train,
-                "eval": scores, "is_default": is_default}
+        result = {"script": script, "variant": variant, "knob": knob, "value": value, "seed": seed, "train": train,
+                  "eval_seconds": time.time() - eval_start, "eval": scores, "is_default": is_default,
+                  "jobs": args.jobs}
+        record.write_text(json.dumps(result, indent=1))
+        return result
 
     results = []
     with ThreadPoolExecutor(args.jobs) as pool:
-        for result in pool.map(run_config, configs):
+        for result in pool.map(run_config, defaults + sweeps):
             results.append(result)
             (out / "results.json").write_text(json.dumps({"base": base, "quick": args.quick, "runs": results}, indent=1))
+    results.sort(key=lambda r: (list(KNOBS).index(r["script"]), r["variant"] or "", r["value"] or 0, r["seed"]))
     text = table(results, base)
-    elapsed = time.time() - start
+    compute = sum(r["train"]["seconds"] + r.get("eval_seconds", 0) for r in results) / 60
     header = (f"Bundled task, {'--quick (defaults, 1 seed, ' + str(args.quick_steps) + ' steps max)' if args.quick else 'full sweep'}; "
               f"evaluation: {base['n_prompts']} held-out prompts, greedy and {eval_k} samples each; mean ± standard "
-              f"error over seeds; total time {elapsed / 60:.1f} min on {os.cpu_count()} CPU cores, {args.jobs} runs at a "
-              f"time{' (wall times and step rates measured with the CPU shared)' if args.jobs > 1 else ''}\n\n")
+              f"error over seeds; {len(results)} runs, {compute:.0f} min of training and evaluation in all (this "
+              f"invocation {(time.time() - start) / 60:.1f} min) on {os.cpu_count()} CPU cores, "
+              f"{max(r.get('jobs', 1) for r in results)} runs at a time"
+              f"{' (wall times and step rates measured with the CPU shared)' if max(r.get('jobs', 1) for r in results) > 1 else ''}\n\n")
     (out / "results.md").write_text(header + text)
     print(header + text)
     plots(results, base, out)
