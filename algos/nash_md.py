@@ -153,6 +153,9 @@ class Args:
     """sampling temperature of y and y' (1: on-policy, as the policy gradient assumes)"""
     max_new_tokens: int = 72
     """the most tokens sampled per completion, EOS included"""
+    judge: Literal["model", "verifier"] = "model"
+    """who says which of y and y' is better: `model`, the preference (or reward) model below; `verifier`, the bundled
+    task's exact checker: P = 1, 0 or 1/2 as y's score (the answer, then the share of right steps) beats y''s or ties"""
     preference_model_path: str | None = os.path.join(REPO, "benchmarks/arith/preference_model")
     """a pairwise preference model (sequence classifier, one output: the log-odds that a beats b)"""
     preference_template: str = "{prompt}[1]\n{a}\n[2]\n{b}\n"
@@ -181,8 +184,8 @@ def nash_md_loss(policy_logps: torch.Tensor, reference_logps: torch.Tensor, prob
 
 def algorithm_checks(args: Args) -> list[tuple[str, bool, str]]:
     """This script's own flags for check_args: (flag, whether its value is valid, the valid range)."""
-    judged = args.preference_model_path is not None or args.reward_model_path is not None
-    fields = args.reward_model_path is not None or all(f"{{{k}}}" in args.preference_template for k in ("prompt", "a", "b"))
+    judged = args.judge == "verifier" or args.preference_model_path is not None or args.reward_model_path is not None
+    fields = args.judge == "verifier" or args.reward_model_path is not None or all(f"{{{k}}}" in args.preference_template for k in ("prompt", "a", "b"))
     return [("tau", args.tau >= 0, ">= 0 (0: no KL term)"), ("mixture-coef", 0 <= args.mixture_coef <= 1, "in [0, 1]"),
             ("temperature", args.temperature > 0, "> 0"), ("max-new-tokens", args.max_new_tokens >= 1, ">= 1"),
             ("num-logged-completions", args.num_logged_completions >= 0, ">= 0"),
@@ -301,10 +304,15 @@ def sample_completions(policy, ref_model, prompts: list[list[int]], budgets: lis
 @torch.no_grad()
 def preference_probabilities(judge, prompts: list[str], completions: list[str], opponents: list[str], args: Args):
     """(P, scores, opponent_scores), each (B,): P(y ≻ y') for each prompt x, completion y and opponent y', from
-    judge = (model, tokenizer), a one-output sequence classifier. A preference model reads --preference-template in
-    both orders: P(y ≻ y') = σ((l(x, y, y') - l(x, y', y)) / 2), so that P(y ≻ y') + P(y' ≻ y) = 1, and the scores
-    are l(x, y, y'), l(x, y', y). A reward model reads x + y and x + y': P(y ≻ y') = σ(r(x, y) - r(x, y')), scores
-    r(x, y), r(x, y'). Identical completions get exactly 1/2."""
+    judge = (model, tokenizer), a one-output sequence classifier, or the verifier's grade function. A preference model
+    reads --preference-template in both orders: P(y ≻ y') = σ((l(x, y, y') - l(x, y', y)) / 2), so that
+    P(y ≻ y') + P(y' ≻ y) = 1, and the scores are l(x, y, y'), l(x, y', y). A reward model reads x + y and x + y':
+    P(y ≻ y') = σ(r(x, y) - r(x, y')), scores r(x, y), r(x, y'). The verifier: P = 1, 0 or 1/2 as grade(x, y).score
+    is above, below or equal to grade(x, y').score, the scores. Identical completions get exactly 1/2."""
+    if args.judge == "verifier":
+        scores, opponent_scores = (torch.tensor([judge(x, y).score for x, y in zip(prompts, side)])
+                                   for side in (completions, opponents))
+        return (scores > opponent_scores).float() + 0.5 * (scores == opponent_scores).float(), scores, opponent_scores
     model, tokenizer = judge
     if args.reward_model_path is not None:
         texts = [x + y for x, y in zip(prompts + prompts, completions + opponents)]
@@ -356,8 +364,8 @@ def compute_loss(model, ref_model, judge, tokenizer, rows: list[dict], step: int
         "completions/clipped_ratio": torch.tensor(clipped[0], device=device),
         "completions/opponent_clipped_ratio": torch.tensor(clipped[1], device=device),
     }
-    if args.reward_model_path is not None:
-        metrics.update({"rewards/policy": scores.sum(), "rewards/opponent": opponent_scores.sum()})
+    if args.reward_model_path is not None or args.judge == "verifier":
+        metrics.update({"rewards/policy": scores.sum().to(device), "rewards/opponent": opponent_scores.sum().to(device)})
     logged = zip(prompt_texts, texts, opponent_texts, probabilities.tolist())
     samples = [dict(zip(("prompt", "completion", "opponent", "probability"), sample)) for sample in logged]
     return losses.mean() + aux_loss, metrics, samples[: args.num_logged_completions]
@@ -388,8 +396,20 @@ def check_tokenizer(tokenizer) -> None:
         raise ValueError("the tokenizer has no EOS token, so sampled completions cannot end: set tokenizer.eos_token")
 
 
-def load_judge(args: Args, dtype: torch.dtype, device) -> tuple:
-    """(model, tokenizer) of the reward model if set, else of the preference model: a frozen one-output classifier."""
+def load_judge(args: Args, dtype: torch.dtype, device, prompts: list[str]):
+    """--judge verifier: the bundled task's grade(prompt, completion), once every prompt is one of its problems.
+    Otherwise (model, tokenizer) of the reward model if set, else of the preference model: a frozen one-output
+    classifier."""
+    if args.judge == "verifier":
+        from benchmarks.arith import task
+
+        for prompt in prompts:
+            try:
+                task.parse_problem(prompt)
+            except ValueError:
+                raise ValueError(f"--judge verifier grades the bundled arithmetic task's problems, and {prompt!r} is not "
+                                 "one: use --judge model with a preference or reward model") from None
+        return task.grade
     path = args.reward_model_path if args.reward_model_path is not None else args.preference_model_path
     model = AutoModelForSequenceClassification.from_pretrained(path, dtype=dtype).to(device)
     model.eval().requires_grad_(False)
@@ -852,6 +872,7 @@ if __name__ == "__main__":
     # models: the policy trains; the reference is a frozen copy in eval mode (with --lora: the policy's own base
     # model, adapters disabled); so is the judge; --fsdp shards both (not the judge), DDP replicates the policy otherwise
     dtype = getattr(torch, args.dtype)
+    judge = load_judge(args, dtype, device, [row["prompt_text"] for row in train_rows + eval_rows])
     policy = load_model(args, dtype, device)
     policy.train()
     if args.gradient_checkpointing:
@@ -873,7 +894,6 @@ if __name__ == "__main__":
         shard(policy)
         if not args.lora:
             shard(ref_model)
-    judge = load_judge(args, dtype, device)
     model = DDP(policy, device_ids=[local_rank] if use_cuda else None) if world_size > 1 and not args.fsdp else policy
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16)
 

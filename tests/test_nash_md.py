@@ -243,6 +243,26 @@ def test_reward_model_judges_through_bradley_terry(tokenizer):
     torch.testing.assert_close(probabilities[0], torch.sigmoid(r[0] - r[1]))
 
 
+def test_verifier_judges_exactly_by_the_task_score():
+    """--judge verifier: P = 1, 0 or 1/2 as grade(x, y).score beats, loses to or ties grade(x, y').score."""
+    args = Args(judge="verifier")
+    judge = load_judge(args, torch.float32, "cpu", ["Q: (2+3)*4\n", "Q: 7-2\n"])
+    prompts = ["Q: (2+3)*4\n"] * 4 + ["Q: 7-2\n"]
+    right, wrong_answer, wrong_step = "2 + 3 = 5\n5 * 4 = 20\nAnswer: 20", "2 + 3 = 5\n5 * 4 = 21\nAnswer: 21", \
+        "2 + 3 = 6\n6 * 4 = 25\nAnswer: 25"
+    a = [right, wrong_answer, wrong_answer, right, "7 - 2 = 5\nAnswer: 5"]
+    b = [wrong_answer, right, wrong_step, "2 + 3 = 5\n5 * 4 = 20\nAnswer: 20", "garbage"]
+    probabilities, scores, opponent_scores = preference_probabilities(judge, prompts, a, b, args)
+    assert probabilities.tolist() == [1.0, 0.0, 1.0, 0.5, 1.0]  # 2 > 1/2; 1/2 < 2; 1/2 (a right step) > 0; a tie
+    assert scores.tolist() == [2.0, 0.5, 0.5, 2.0, 2.0] and opponent_scores.tolist() == [0.5, 2.0, 0.0, 2.0, 0.0]
+
+
+def test_verifier_refuses_prompts_that_are_not_task_problems():
+    with pytest.raises(ValueError, match="grades the bundled arithmetic task's problems.*'Write a poem'.*--judge model"):
+        load_judge(Args(judge="verifier"), torch.float32, "cpu", ["Q: 1+2\n", "Write a poem"])
+    check_args(Args(judge="verifier", preference_model_path=None))  # the verifier needs no model
+
+
 def test_expected_gradient_is_the_gradient_of_the_regularised_preference():
     """A softmax policy over 4 responses, y ~ π weighted exactly: E_y[∇ loss] = -∇(P(π ≻ π') - τ·KL(π‖μ)) for
     the opponent π' held fixed: the loss is an unbiased Nash-MD-PG estimate, its KL part included."""
@@ -368,19 +388,19 @@ def test_judges_that_cannot_score_are_errors(tokenizer, tmp_path):
     LlamaForSequenceClassification(llama_config(tokenizer, num_labels=2)).save_pretrained(two_outputs)
     tokenizer.save_pretrained(two_outputs)
     with pytest.raises(ValueError, match="has 2 outputs; it needs one"):
-        load_judge(Args(preference_model_path=str(two_outputs)), torch.float32, "cpu")
+        load_judge(Args(preference_model_path=str(two_outputs)), torch.float32, "cpu", [])
     no_pad = tmp_path / "no_pad"
     LlamaForSequenceClassification(llama_config(tokenizer, num_labels=1)).save_pretrained(no_pad)
     backend = Tokenizer(models.BPE(vocab={"<unk>": 0, "a": 1}, merges=[], unk_token="<unk>"))
     PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>").save_pretrained(no_pad)
     with pytest.raises(ValueError, match="has no pad token.*set its tokenizer's pad_token"):
-        load_judge(Args(reward_model_path=str(no_pad)), torch.float32, "cpu")
+        load_judge(Args(reward_model_path=str(no_pad)), torch.float32, "cpu", [])
     good = tmp_path / "good"
     config = llama_config(tokenizer, num_labels=1)
     config.pad_token_id = None  # the tokenizer's pad token is enough
     LlamaForSequenceClassification(config).save_pretrained(good)
     tokenizer.save_pretrained(good)
     args = Args(preference_model_path=str(two_outputs), reward_model_path=str(good))
-    model, _ = load_judge(args, torch.float32, "cpu")
+    model, _ = load_judge(args, torch.float32, "cpu", [])
     assert model.config.num_labels == 1 and not model.training, "a reward model, when given, is the judge"
     assert model.config.pad_token_id == tokenizer.pad_token_id

@@ -91,6 +91,9 @@ class Args:
     preference_model_only: bool = False
     """retrain only the preference model, from out_dir's model/ and data/ (the samples are the rows of
     data/unpaired_train.jsonl, in order), and update build_summary.json"""
+    preference_model_init: str | None = None
+    """with --preference-model-only: run the second stage's --pm-steps from this preference model (new auxiliary
+    heads) instead of from a new step verifier, to train a built judge further"""
 
 
 def build_tokenizer() -> PreTrainedTokenizerFast:
@@ -303,15 +306,18 @@ def train_preference_model(args: Args, verifier: LlamaForSequenceClassification,
             for j, (b, sb) in enumerate(zip(completions, scores)):
                 if i != j:
                     comparisons.append((prompt, a, b, 1.0 if sa > sb else 0.0 if sa < sb else 0.5))
-    config = copy.deepcopy(verifier.config)
-    config.num_hidden_layers += args.pm_extra_layers
-    model = LlamaForSequenceClassification(config)
-    state = {k: v for k, v in verifier.state_dict().items() if not k.startswith("score.")}
-    assert not model.load_state_dict(state, strict=False).unexpected_keys
-    with torch.no_grad():  # a new layer adds nothing to the residual stream until trained
-        for layer in model.model.layers[verifier.config.num_hidden_layers:]:
-            layer.self_attn.o_proj.weight.zero_()
-            layer.mlp.down_proj.weight.zero_()
+    if args.preference_model_init is not None:
+        model, config = verifier, verifier.config
+    else:
+        config = copy.deepcopy(verifier.config)
+        config.num_hidden_layers += args.pm_extra_layers
+        model = LlamaForSequenceClassification(config)
+        state = {k: v for k, v in verifier.state_dict().items() if not k.startswith("score.")}
+        assert not model.load_state_dict(state, strict=False).unexpected_keys
+        with torch.no_grad():  # a new layer adds nothing to the residual stream until trained
+            for layer in model.model.layers[verifier.config.num_hidden_layers:]:
+                layer.self_attn.o_proj.weight.zero_()
+                layer.mlp.down_proj.weight.zero_()
     wrong_so_far_head, other_wrong_head = torch.nn.Linear(config.hidden_size, 1), torch.nn.Linear(config.hidden_size, 1)
     parameters = [*model.parameters(), *wrong_so_far_head.parameters(), *other_wrong_head.parameters()]
     optimizer = torch.optim.AdamW(parameters, lr=args.pm_lr, weight_decay=0.0)
@@ -403,8 +409,11 @@ def build_preference_model(args: Args, out: Path) -> dict:
     for row in read_jsonl(out / "data" / "unpaired_train.jsonl"):
         samples.setdefault(row["prompt"], []).append(row["completion"])
     assert tokenizer.padding_side == "right"  # both stages index tokens from the left and read the last non-pad one
-    verifier = train_step_verifier(args, out / "model", tokenizer)
-    print(f"step verifier: {time.time() - start:.0f} s", flush=True)
+    if args.preference_model_init is not None:
+        verifier = LlamaForSequenceClassification.from_pretrained(args.preference_model_init)
+    else:
+        verifier = train_step_verifier(args, out / "model", tokenizer)
+        print(f"step verifier: {time.time() - start:.0f} s", flush=True)
     preference_model = train_preference_model(args, verifier, tokenizer, samples)
     preference_model.save_pretrained(out / "preference_model")
     return {"preference_model_agreement": agreement(preference_model, tokenizer, read_jsonl(out / "data" / "pairs_test.jsonl")),
