@@ -14,6 +14,7 @@ the held-out pairs). VARIANTS adds labelled runs of a script without an optional
 CPL without its BC term), at the default knob value, for every seed.
 Outputs, under --out-dir: records/<run>.json (one per finished run: its training figures, logged metrics and
 evaluation; committed, small), results.json (every run), results.md (the table: mean ± standard error over seeds),
+defaults.md (each script's defaults: the change against the base model and against sft.py, for the README),
 frontier.png (sampled accuracy against KL, one curve per algorithm over its knob, with standard errors, as in the DPO
 paper's reward-KL frontier) and curves.png (training loss per step of each default run). A run whose record exists
 is not run again (--rerun does): an interrupted sweep continues where it stopped, and --scripts can add to a table.
@@ -144,6 +145,33 @@ def table(results: list[dict], base: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def defaults_table(results: list[dict], base: dict) -> str:
+    """One row per script at its defaults (and per variant): mean ± standard error over seeds, and the change of
+    sampled accuracy against the base model and against sft.py's defaults (the standard errors combined)."""
+    groups = {}
+    for r in results:
+        if r["is_default"] or r["variant"]:
+            groups.setdefault((r["script"], r["variant"]), []).append(r)
+    sft = [r["eval"]["sampled_accuracy"] for r in groups.get(("sft", None), [])]
+    lines = ["| script | seeds | greedy | sampled | sampled, change | against sft.py | KL | ranking acc | train s |",
+             "|---|---|---|---|---|---|---|---|---|",
+             f"| base model | - | {base['greedy_accuracy']:.3f} | {base['sampled_accuracy']:.3f} | | | 0 | "
+             f"{base['ranking_accuracy']:.3f} | |"]
+    for (script, variant), runs in groups.items():
+        sampled = [r["eval"]["sampled_accuracy"] for r in runs]
+        mean, stderr = mean_and_stderr(sampled)
+        change = f"{100 * (mean - base['sampled_accuracy']):+.1f} ± {100 * stderr:.1f} pts"
+        against = "" if script == "sft" or not sft else \
+            f"{100 * (mean - mean_and_stderr(sft)[0]):+.1f} ± {100 * (stderr**2 + mean_and_stderr(sft)[1]**2) ** 0.5:.1f} pts"
+        name = f"[{script}.py](algos/{script}.py)" + (f" ({variant})" if variant else "")
+        cells = [mean_over_seeds([r["eval"][key] for r in runs]) for key in ("greedy_accuracy", "sampled_accuracy")]
+        lines.append(f"| {name} | {len(runs)} | {cells[0]} | {cells[1]} | {change} | {against} | "
+                     f"{mean_over_seeds([r['eval']['kl'] for r in runs])} | "
+                     f"{mean_over_seeds([r['eval']['ranking_accuracy'] for r in runs])} | "
+                     f"{statistics.mean(r['train']['seconds'] for r in runs):.0f} |")
+    return "\n".join(lines) + "\n"
+
+
 def plots(results: list[dict], base: dict, out: Path) -> None:
     import matplotlib
 
@@ -245,5 +273,6 @@ if __name__ == "__main__":
               f"{max(r.get('jobs', 1) for r in results)} runs at a time"
               f"{' (wall times and step rates measured with the CPU shared)' if max(r.get('jobs', 1) for r in results) > 1 else ''}\n\n")
     (out / "results.md").write_text(header + text)
+    (out / "defaults.md").write_text(header + defaults_table(results, base))
     print(header + text)
     plots(results, base, out)
