@@ -56,37 +56,56 @@ print("RESULTS " + json.dumps(results))
 LORA_FUSED = pytest.mark.xdist_group("lora_fused")  # one worker runs the shared fixture, under pytest-xdist
 
 
-@pytest.fixture(scope="session")  # not module: a worker interleaves modules, and would run it again
-def lora_fused_runs(tmp_path_factory):
-    """script -> (output dir, metrics) of one step with --lora --fused-linear."""
-    root = tmp_path_factory.mktemp("lora_fused")
+def one_step_runs(scripts: list[str], root) -> dict[str, str | None]:
+    """One step of each script with --lora --fused-linear, all in one Python process: script -> None or its error."""
     runs = {script: [f"algos/{script}.py", *ONE_STEP, "--per-device-train-batch-size", "2", "--lora", "--fused-linear", "--output-dir",
-                     str(root / script)] for script in SCRIPTS}
+                     str(root / script)] for script in scripts}
     env = {**os.environ, **RUN_ENV, "PYTHONPATH": str(REPO)}
     done = subprocess.run([sys.executable, "-c", DRIVER, json.dumps(runs)], cwd=REPO, env=env, capture_output=True,
                           text=True, timeout=600)
     line = [line for line in done.stdout.splitlines() if line.startswith("RESULTS ")]
     assert line, f"the driver failed:\n{done.stdout[-3000:]}\n{done.stderr[-5000:]}"
-    return root, json.loads(line[-1][len("RESULTS "):])
+    return json.loads(line[-1][len("RESULTS "):])
+
+
+@pytest.fixture(scope="session")  # not module: a worker interleaves modules, and would run it again
+def lora_fused_run(request, tmp_path_factory):
+    """script -> (output dir, None or its error) of one step with --lora --fused-linear. The first call runs every
+    script whose tests are selected, in one process (the imports paid once); -k or --script selecting one script's
+    tests runs that script alone."""
+    root = tmp_path_factory.mktemp("lora_fused")
+    selected = sorted({item.callspec.params["script"] for item in request.session.items
+                       if "lora_fused_run" in item.fixturenames and hasattr(item, "callspec")
+                       and "script" in item.callspec.params})
+    results = {}
+
+    def get(script):
+        if script not in results:
+            results.update(one_step_runs([s for s in selected if s not in results] if script in selected else [script],
+                                         root))
+        return root / script, results[script]
+
+    return get
 
 
 @LORA_FUSED
 @pytest.mark.parametrize("script", SCRIPTS)
-def test_one_step_with_lora_and_fused_linear(script, lora_fused_runs):
-    root, results = lora_fused_runs
-    assert results[script] is None, f"{script} --lora --fused-linear failed:\n{results[script]}"
-    metrics = [json.loads(line) for line in (root / script / "metrics.jsonl").read_text().splitlines()]
+def test_one_step_with_lora_and_fused_linear(script, lora_fused_run):
+    output_dir, error = lora_fused_run(script)
+    assert error is None, f"{script} --lora --fused-linear failed:\n{error}"
+    metrics = [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
     assert metrics[-1]["step"] == 1 and torch.isfinite(torch.tensor(metrics[-1]["train/loss"]))
-    assert (root / script / "adapter_config.json").is_file(), "--lora saves the adapter"
-    assert not (root / script / "model.safetensors").exists(), "--lora saves the adapter, not the whole model"
+    assert (output_dir / "adapter_config.json").is_file(), "--lora saves the adapter"
+    assert not (output_dir / "model.safetensors").exists(), "--lora saves the adapter, not the whole model"
 
 
 @LORA_FUSED
-def test_saved_adapter_loads_with_peft(lora_fused_runs):
+@pytest.mark.parametrize("script", ["dpo"])
+def test_saved_adapter_loads_with_peft(script, lora_fused_run):
     from peft import AutoPeftModelForCausalLM
 
-    root, _ = lora_fused_runs
-    output_dir = root / "dpo"
+    output_dir, error = lora_fused_run(script)
+    assert error is None, error
     model = AutoPeftModelForCausalLM.from_pretrained(output_dir)
     tokenizer = AutoTokenizer.from_pretrained(output_dir)
     base = AutoModelForCausalLM.from_pretrained(MODEL)
@@ -218,10 +237,11 @@ def test_fsdp_two_processes_match_golden_and_save_a_full_model(tmp_path):
 
 
 @LORA_FUSED
-def test_nash_md_fsdp_matches_one_process(lora_fused_runs, tmp_path):
-    root, results = lora_fused_runs
-    assert results["nash_md"] is None, results["nash_md"]
-    one_process = [json.loads(line) for line in (root / "nash_md" / "metrics.jsonl").read_text().splitlines()]
+@pytest.mark.parametrize("script", ["nash_md"])
+def test_nash_md_fsdp_matches_one_process(script, lora_fused_run, tmp_path):
+    output_dir, error = lora_fused_run(script)
+    assert error is None, error
+    one_process = [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
     args = [*ONE_STEP, "--per-device-train-batch-size", "1", "--lora", "--fused-linear", "--fsdp"]  # same global batch
     fsdp = run_script("algos/nash_md.py", args, tmp_path, nproc=2)
     problems = compare_metrics(fsdp, one_process, rtol=1e-5, atol=1e-6)

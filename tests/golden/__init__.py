@@ -16,10 +16,16 @@ tests/golden/<script>.run.json          the script end to end on the bundled tas
     `metrics` is the run's metrics.jsonl; `args` the one-process command line; `torchrun_args` the
     command line for 2 processes with the same global batch.
 
-Regenerate (and see the diff first) with:  python -m tests.golden <script> [--write] [--only loss|run]
+Naming rules, checked before anything is built (check_names): the keys of LOSSES are functions (or function
+aliases) defined at the top level of algos/<script>.py, and RUN["script"] is "algos/<script>.py".
+
+Regenerate (a summary of the checks and of what would change first) with:
+    python -m tests.golden <script> [--write] [--only loss|run] [--verbose]
 """
 
+import ast
 import importlib
+import importlib.util
 import json
 import math
 import os
@@ -70,8 +76,57 @@ def dumps(golden: dict) -> str:
     return re.sub(r"\[\s*([-\d.e+,\s]*?)\s*\]", lambda m: "[" + re.sub(r",\s+", ", ", m.group(1)) + "]", text) + "\n"
 
 
-def reference_module(script: str):
-    return importlib.import_module(f"tests.references.{script}")
+class NamingError(ValueError):
+    """A reference that does not match its script: raised before anything is built, with the fix."""
+
+
+def reference_module(script: str, root: Path = REPO):
+    """tests/references/<script>.py; under another root (a copy of the layout), loaded from its file."""
+    if not (root / "tests" / "references" / f"{script}.py").is_file():
+        raise NamingError(f"no tests/references/{script}.py: start a variant with `python -m tests.new_variant "
+                          f"<parent> {script}`, which copies the parent's script and reference with every rename")
+    if root == REPO:
+        return importlib.import_module(f"tests.references.{script}")
+    path = root / "tests" / "references" / f"{script}.py"
+    spec = importlib.util.spec_from_file_location(f"_reference_{script}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def defined_functions(path: Path) -> set[str]:
+    """The functions a script's top level defines: with `def`, or as an alias (`step_dpo_loss = dpo_loss`)."""
+    names = set()
+    for node in ast.parse(path.read_text()).body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            names.add(node.name)
+        elif isinstance(node, ast.Assign) and isinstance(node.value, (ast.Name, ast.Attribute, ast.Lambda)):
+            names.update(target.id for target in node.targets if isinstance(target, ast.Name))
+    return names
+
+
+def check_names(script: str, reference, root: Path = REPO) -> None:
+    """The naming rules (module docstring), every violation at once with its fix: a golden file is
+    <script>.<function>.json for a function of algos/<script>.py, and the run golden runs algos/<script>.py (a
+    reference copied from a sibling that still runs the sibling would pin the sibling under the new name)."""
+    path = root / "algos" / f"{script}.py"
+    reference_path = f"tests/references/{script}.py"
+    if not path.is_file():
+        raise NamingError(f"no algos/{script}.py for {reference_path}: golden files are named after the script "
+                          f"they pin (start a variant with `python -m tests.new_variant <parent> {script}`)")
+    problems = []
+    functions = defined_functions(path)
+    for key in getattr(reference, "LOSSES", {}):
+        if key not in functions:
+            problems.append(f"LOSSES[{key!r}]: algos/{script}.py defines no function {key!r} (its file would be "
+                            f"tests/golden/{script}.{key}.json): rename the key to the name of the function it pins"
+                            + (f", e.g. {script}_loss" if f"{script}_loss" in functions else ""))
+    run = getattr(reference, "RUN", None)
+    if run is not None and run.get("script") != f"algos/{script}.py":
+        problems.append(f"RUN['script'] is {run.get('script')!r}: it must be 'algos/{script}.py' (the run golden "
+                        f"tests/golden/{script}.run.json pins that script's trajectory)")
+    if problems:
+        raise NamingError(f"{reference_path} does not match algos/{script}.py:\n  " + "\n  ".join(problems))
 
 
 def script_function(script: str, function: str):
@@ -108,6 +163,18 @@ def call_function(function, case: dict, outputs: list[str], dtype: torch.dtype):
     return values, grads
 
 
+def check_case(function, golden: dict, case: dict, dtype: torch.dtype) -> None:
+    """A script function against one case of its loss golden, in `dtype`: every output and gradient within the
+    golden's tolerance, in that dtype and finite (what tests/test_golden.py asserts; AssertionError otherwise)."""
+    tolerance = golden["tolerance"][str(dtype).removeprefix("torch.")]
+    values, grads = call_function(function, case, golden["outputs"], dtype)
+    for name, want in [*case["expected"].items(), *((f"grad {k}", v) for k, v in case["grads"].items())]:
+        got = grads[name.removeprefix("grad ")] if name.startswith("grad ") else values[name]
+        assert got.dtype == dtype, f"{name} is {got.dtype}, the inputs are {dtype}"
+        torch.testing.assert_close(got, torch.tensor(want, dtype=dtype), **tolerance, msg=lambda m: f"{name}: {m}")
+        assert torch.isfinite(got).all(), name
+
+
 def check_hand_values(case: dict, expected: dict, grads: dict) -> None:
     """The reference must reproduce the values worked out on paper."""
     for key, hand in case.get("hand", {}).items():
@@ -137,8 +204,10 @@ def check_gradients_numerically(reference, case: dict, outputs: list[str], grads
 
 def build_loss_goldens(script: str) -> dict[str, dict]:
     """{file name: golden} for every loss function listed in tests/references/<script>.py."""
+    reference = reference_module(script)
+    check_names(script, reference)
     goldens = {}
-    for function, spec in reference_module(script).LOSSES.items():
+    for function, spec in reference.LOSSES.items():
         cases = []
         for case in spec["cases"]:
             expected, grads = spec["reference"](**case["inputs"], **case.get("hyperparameters", {}))
@@ -175,7 +244,9 @@ def run_script(script_path: str, args: list[str], output_dir: Path, nproc: int =
 
 
 def build_run_golden(script: str, output_dir: Path) -> dict:
-    run = reference_module(script).RUN
+    reference = reference_module(script)
+    check_names(script, reference)
+    run = reference.RUN
     metrics = run_script(run["script"], run["args"], output_dir)
     return {
         "script": run["script"],
