@@ -206,7 +206,7 @@ def test_preference_model_loads_and_mostly_agrees_with_the_verifier():
         forward = preference_logits(model, tokenizer, prompts, chosen, rejected)
         backward = preference_logits(model, tokenizer, prompts, rejected, chosen)
     assert forward.shape == (len(pairs),)
-    assert ((forward > 0).float().mean() + (backward < 0).float().mean()) / 2 > 0.7  # 0.79 on these 64 (0.78 on all 167)
+    assert ((forward > 0).float().mean() + (backward < 0).float().mean()) / 2 > 0.8  # 0.875 on these 64 (0.898 on all 167)
 
 
 def test_mean_and_stderr_by_hand():
