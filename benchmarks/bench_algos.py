@@ -48,6 +48,10 @@ KNOBS = {
     "lipo": ("beta", [0.25, 0.5, 1.0]),
     "nash_md": ("tau", [0.05, 0.1, 0.3]),
     "sft": ("learning_rate", [1e-4, 2e-4, 5e-4]),
+    "rdpo": ("flip_rate", [0.0, 0.0, 0.02]),  # ε cannot go below its default 0 (clean labels): one value above
+    "npo": ("beta", [1.0, 2.0, 4.0]),
+    "rpo": ("rpo_alpha", [4.0, 16.0, 64.0]),
+    "ld_dpo": ("ld_alpha", [0.0, 0.5, 1.0]),  # α in [0, 1]: its ends, DPO (1) and the longer tails cut (0)
 }
 # script -> [(label, flags)]: the script without an optional term of its default, run beside its defaults
 VARIANTS = {

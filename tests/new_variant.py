@@ -53,8 +53,9 @@ def refusals(root: Path, parent: str, name: str) -> list[str]:
 
 
 def word(name: str) -> re.Pattern:
-    """The name as a whole word: `dpo` in algos/dpo.py and `dpo --write`, not in step_dpo, rdpo or dpo_loss."""
-    return re.compile(rf"(?<![A-Za-z0-9_]){re.escape(name)}(?![A-Za-z0-9_])")
+    """The name as a whole word: `dpo` in algos/dpo.py and `dpo --write`, not in step_dpo, rdpo, dpo_loss or a flag
+    such as --rpo-alpha (the variant keeps its parent's flags)."""
+    return re.compile(rf"(?<![A-Za-z0-9_-]){re.escape(name)}(?![A-Za-z0-9_-])")
 
 
 def rename(text: str, parent: str, name: str, keep_tables: bool = False) -> str:

@@ -36,7 +36,8 @@ def files(root) -> dict[str, bytes]:
 
 
 def words(text: str) -> list[str]:
-    return re.findall(r"[A-Za-z0-9_]+", text)
+    """Words as the scaffold sees them: a flag such as --rpo-alpha is one word (the variant keeps its parent's flags)."""
+    return re.findall(r"[A-Za-z0-9_-]+", text)
 
 
 def header(text: str) -> str:
@@ -45,7 +46,7 @@ def header(text: str) -> str:
 
 @pytest.mark.parametrize("parent", PARENTS)
 def test_scaffold_renames_everything(parent, root, capsys):
-    name = f"r{parent}"  # holds the parent's name: only whole words may be replaced
+    name = f"x{parent}"  # holds the parent's name: only whole words may be replaced
     assert main([parent, name, "--root", str(root)]) == 0
     out = capsys.readouterr().out
     assert f"python -m tests.golden {name} --write" in out and f"python -m pytest -q tests --script {name}" in out
@@ -86,26 +87,26 @@ def test_scaffold_renames_everything(parent, root, capsys):
     assert f"algos/{name}.py" in title and rest.lstrip().startswith(f"> **TODO({name})**")
 
 
-def test_scaffold_of_dpo_into_rdpo_reads_as_intended(root):
-    assert main(["dpo", "rdpo", "--root", str(root)]) == 0
-    script = (root / "algos" / "rdpo.py").read_text()
-    assert "    python algos/rdpo.py                                                       # the bundled task" in script
-    assert "def rdpo_loss(" in script and "= rdpo_loss(" in script
+def test_scaffold_of_dpo_into_xdpo_reads_as_intended(root):
+    assert main(["dpo", "xdpo", "--root", str(root)]) == 0
+    script = (root / "algos" / "xdpo.py").read_text()
+    assert "    python algos/xdpo.py                                                       # the bundled task" in script
+    assert "def xdpo_loss(" in script and "= xdpo_loss(" in script
     assert "exp_name: str = os.path.basename(__file__)" in script, "exp_name is the file's name: nothing to rename"
-    reference = (root / "tests" / "references" / "rdpo.py").read_text()
-    assert '"script": "algos/rdpo.py"' in reference and '"rdpo_loss": {' in reference and "def rdpo_loss(" in reference
-    assert "python -m tests.golden rdpo --write" in reference
-    docs = (root / "docs" / "algos" / "rdpo.md").read_text()
+    reference = (root / "tests" / "references" / "xdpo.py").read_text()
+    assert '"script": "algos/xdpo.py"' in reference and '"xdpo_loss": {' in reference and "def xdpo_loss(" in reference
+    assert "python -m tests.golden xdpo --write" in reference
+    docs = (root / "docs" / "algos" / "xdpo.md").read_text()
     assert "| dpo.py |" in docs, "the results tables stay labelled with the script they were measured on"
 
 
 @pytest.mark.parametrize("argv, message", [
     (["dpo", "ipo"], "algos/ipo.py, tests/references/ipo.py, docs/algos/ipo.md already exist(s)"),
-    (["nope", "rdpo"], "unknown parent 'nope'"),
+    (["nope", "xdpo"], "unknown parent 'nope'"),
     (["dpo", "my-dpo"], "the name 'my-dpo' is not a Python identifier"),
     (["dpo", "1dpo"], "the name '1dpo' is not a Python identifier"),
     (["dpo", "class"], "the name 'class' is not a Python identifier, or is a keyword"),
-    (["../algos/dpo", "rdpo"], "the parent '../algos/dpo' is not a Python identifier"),
+    (["../algos/dpo", "xdpo"], "the parent '../algos/dpo' is not a Python identifier"),
 ])
 def test_refusals_write_nothing(argv, message, root, capsys):
     before = files(root)
@@ -116,9 +117,9 @@ def test_refusals_write_nothing(argv, message, root, capsys):
 
 
 def test_a_second_scaffold_or_a_stale_golden_is_refused(root, capsys):
-    assert main(["dpo", "rdpo", "--root", str(root)]) == 0
+    assert main(["dpo", "xdpo", "--root", str(root)]) == 0
     before = files(root)
-    assert main(["ipo", "rdpo", "--root", str(root)]) == 2 and files(root) == before
+    assert main(["ipo", "xdpo", "--root", str(root)]) == 2 and files(root) == before
     (root / "tests" / "golden" / "xdpo.run.json").write_text("{}")
     before = files(root)
     assert main(["dpo", "xdpo", "--root", str(root)]) == 2 and files(root) == before
@@ -126,26 +127,26 @@ def test_a_second_scaffold_or_a_stale_golden_is_refused(root, capsys):
 
 
 def test_golden_rules_refuse_a_reference_that_pins_another_script(root):
-    assert main(["dpo", "rdpo", "--root", str(root)]) == 0
-    path = root / "tests" / "references" / "rdpo.py"
+    assert main(["dpo", "xdpo", "--root", str(root)]) == 0
+    path = root / "tests" / "references" / "xdpo.py"
     scaffolded = path.read_text()
 
-    path.write_text(scaffolded.replace('"script": "algos/rdpo.py"', '"script": "algos/dpo.py"'))
-    with pytest.raises(NamingError, match=r"RUN\['script'\] is 'algos/dpo.py': it must be 'algos/rdpo.py'"):
-        check_names("rdpo", reference_module("rdpo", root), root)
+    path.write_text(scaffolded.replace('"script": "algos/xdpo.py"', '"script": "algos/dpo.py"'))
+    with pytest.raises(NamingError, match=r"RUN\['script'\] is 'algos/dpo.py': it must be 'algos/xdpo.py'"):
+        check_names("xdpo", reference_module("xdpo", root), root)
 
-    path.write_text(scaffolded.replace('"rdpo_loss": {', '"dpo_loss": {'))  # a key left unrenamed
-    with pytest.raises(NamingError, match=r"LOSSES\['dpo_loss'\]: algos/rdpo.py defines no function 'dpo_loss'.*"
-                                          r"e\.g\. rdpo_loss"):
-        check_names("rdpo", reference_module("rdpo", root), root)
+    path.write_text(scaffolded.replace('"xdpo_loss": {', '"dpo_loss": {'))  # a key left unrenamed
+    with pytest.raises(NamingError, match=r"LOSSES\['dpo_loss'\]: algos/xdpo.py defines no function 'dpo_loss'.*"
+                                          r"e\.g\. xdpo_loss"):
+        check_names("xdpo", reference_module("xdpo", root), root)
 
-    path.write_text(scaffolded.replace('"rdpo_loss": {', '"loss": {'))
-    with pytest.raises(NamingError, match=r"LOSSES\['loss'\]: algos/rdpo.py defines no function 'loss'"):
-        check_names("rdpo", reference_module("rdpo", root), root)
+    path.write_text(scaffolded.replace('"xdpo_loss": {', '"loss": {'))
+    with pytest.raises(NamingError, match=r"LOSSES\['loss'\]: algos/xdpo.py defines no function 'loss'"):
+        check_names("xdpo", reference_module("xdpo", root), root)
 
-    (root / "algos" / "rdpo.py").unlink()
-    with pytest.raises(NamingError, match="no algos/rdpo.py for tests/references/rdpo.py"):
-        check_names("rdpo", reference_module("rdpo", root), root)
+    (root / "algos" / "xdpo.py").unlink()
+    with pytest.raises(NamingError, match="no algos/xdpo.py for tests/references/xdpo.py"):
+        check_names("xdpo", reference_module("xdpo", root), root)
     with pytest.raises(NamingError, match="no tests/references/qdpo.py"):
         reference_module("qdpo", root)
 
