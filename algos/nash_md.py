@@ -136,7 +136,7 @@ class Args:
     """micro-batches accumulated into one optimiser step"""
     per_device_eval_batch_size: int = 64
     """rows per process per evaluation batch"""
-    num_train_epochs: int = 1
+    num_train_epochs: int = 2
     """passes over the training split (ignored when --max-steps is set)"""
     max_steps: int | None = None
     """if set, train for exactly this many optimiser steps"""
