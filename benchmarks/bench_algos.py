@@ -11,7 +11,7 @@ Each run is `python algos/<script>.py --seed S --<knob> V --output-dir ...` in i
 with the CPU shared); its saved policy is then scored by benchmarks/arith/evaluate.py in its own process (greedy
 and sampled accuracy on the held-out prompts, step correctness, length, KL(policy || base), ranking accuracy on
 the held-out pairs). VARIANTS adds labelled runs of a script without an optional term (SimPO without its SFT term,
-CPL without its BC term), at the default knob value, for every seed.
+CPL without its BC term, Nash-MD judged by the verifier), at the default knob value, for every seed.
 Outputs, under --out-dir: records/<run>.json (one per finished run: its training figures, logged metrics and
 evaluation; committed, small), results.json (every run), results.md (the table: mean ± standard error over seeds),
 defaults.md (each script's defaults: the change against the base model and against sft.py, for the README),
@@ -53,10 +53,12 @@ KNOBS = {
     "rpo": ("rpo_alpha", [4.0, 16.0, 64.0]),
     "ld_dpo": ("ld_alpha", [0.0, 0.5, 1.0]),  # α in [0, 1]: its ends, DPO (1) and the longer tails cut (0)
 }
-# script -> [(label, flags)]: the script without an optional term of its default, run beside its defaults
+# script -> [(label, flags)]: the script without an optional term of its default (or with the exact judge instead of
+# the learned one), run beside its defaults
 VARIANTS = {
     "simpo": [("no SFT term", ["--sft-weight", "0"])],
     "cpl": [("no BC term", ["--bc-coef", "0"])],
+    "nash_md": [("verifier judge", ["--judge", "verifier"])],
 }
 
 
