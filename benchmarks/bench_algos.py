@@ -3,6 +3,7 @@
     pip install -r requirements.txt -r benchmarks/requirements.txt
     python benchmarks/bench_algos.py --quick       # each script's defaults, 1 seed, 40 steps
     python benchmarks/bench_algos.py               # 3 seeds x 3 values of each main knob, and the variants (hours)
+    python benchmarks/bench_algos.py --defaults-only   # 3 seeds of each script's defaults and variants
     python benchmarks/bench_algos.py --scripts dpo ipo --seeds 1 2
     python benchmarks/bench_algos.py --jobs 1      # one run at a time: the step rates of a CPU of its own
 
@@ -52,6 +53,9 @@ KNOBS = {
     "npo": ("beta", [1.0, 2.0, 4.0]),
     "rpo": ("rpo_alpha", [4.0, 16.0, 64.0]),
     "ld_dpo": ("ld_alpha", [0.0, 0.5, 1.0]),  # α in [0, 1]: its ends, DPO (1) and the longer tails cut (0)
+    "curry_dpo": ("beta", [1.0, 2.0, 4.0]),
+    "pro": ("sft_weight", [0.01, 0.05, 0.25]),
+    "orpo": ("orpo_lambda", [0.025, 0.1, 0.4]),
 }
 # script -> [(label, flags)]: the script without an optional term of its default (or with the exact judge instead of
 # the learned one), run beside its defaults
@@ -72,6 +76,8 @@ class Args:
     """each script's own defaults only, one seed, at most --quick-steps steps, a smaller evaluation"""
     quick_steps: int = 40
     """the step cap of --quick"""
+    defaults_only: bool = False
+    """each script's defaults and VARIANTS, every seed, without the rest of the knob sweep"""
     eval_k: int = 8
     """samples per held-out prompt at temperature 1 (--quick uses 4)"""
     out_dir: str | None = None
@@ -239,7 +245,7 @@ if __name__ == "__main__":
         defaults += [(script, None, [], knob, None if args.quick else default, seed) for seed in seeds]
         defaults += [(script, label, flags, knob, None, seed) for label, flags in VARIANTS.get(script, [])
                      for seed in seeds]
-        sweeps += [(script, None, [], knob, value, seed) for value in ([] if args.quick else values)
+        sweeps += [(script, None, [], knob, value, seed) for value in ([] if args.quick or args.defaults_only else values)
                    for seed in seeds if value != default]
 
     def run_config(config) -> dict:
@@ -272,7 +278,9 @@ if __name__ == "__main__":
     results.sort(key=lambda r: (list(KNOBS).index(r["script"]), r["variant"] or "", r["value"] or 0, r["seed"]))
     text = table(results, base)
     compute = sum(r["train"]["seconds"] + r.get("eval_seconds", 0) for r in results) / 60
-    header = (f"Bundled task, {'--quick (defaults, 1 seed, ' + str(args.quick_steps) + ' steps max)' if args.quick else 'full sweep'}; "
+    mode = ("--quick (defaults, 1 seed, " + str(args.quick_steps) + " steps max)" if args.quick else
+            "defaults and variants" if args.defaults_only else "full sweep")
+    header = (f"Bundled task, {mode}; "
               f"evaluation: {base['n_prompts']} held-out prompts, greedy and {eval_k} samples each; mean ± standard "
               f"error over seeds; {len(results)} runs, {compute:.0f} min of training and evaluation in all (this "
               f"invocation {(time.time() - start) / 60:.1f} min) on {os.cpu_count()} CPU cores, "
