@@ -56,6 +56,7 @@ KNOBS = {
     "curry_dpo": ("beta", [1.0, 2.0, 4.0]),
     "pro": ("sft_weight", [0.01, 0.05, 0.25]),
     "orpo": ("orpo_lambda", [0.025, 0.1, 0.4]),
+    "bco": ("reward_shift_decay", [0.9, 0.99, 1.0]),  # ρ in [0, 1]: 1 is δ = 0, the paper's BCE baseline
 }
 # script -> [(label, flags)]: the script without an optional term of its default (or with the exact judge instead of
 # the learned one), run beside its defaults
@@ -85,6 +86,8 @@ class Args:
     benchmarks/results/algos, or benchmarks/results/algos_quick with --quick"""
     rerun: bool = False
     """run again the runs that already have a record under <out-dir>/records/"""
+    report_only: bool = False
+    """run nothing: the tables and plots of the runs that have a record"""
     threads: int = 1
     """torch CPU threads of each training run and evaluation"""
     jobs: int = 2
@@ -228,7 +231,7 @@ if __name__ == "__main__":
     eval_k = 4 if args.quick else args.eval_k
     start = time.time()
     base_record = out / "records" / "base_model.json"
-    if base_record.exists() and not args.rerun:
+    if base_record.exists() and (args.report_only or not args.rerun):
         base = json.loads(base_record.read_text())
     else:
         base = evaluate(REPO / "benchmarks/arith/model", eval_k, args.threads, out / "runs" / "base_model.eval.json")
@@ -255,6 +258,8 @@ if __name__ == "__main__":
         record = out / "records" / f"{name}.json"
         if record.exists() and not args.rerun:
             return json.loads(record.read_text())
+        if args.report_only:
+            return None
         extra = ["--seed", str(seed), *flags]
         extra += ["--max-steps", str(args.quick_steps)] if args.quick else []
         extra += [f"--{knob.replace('_', '-')}", str(value)] if value is not None else []
@@ -273,6 +278,8 @@ if __name__ == "__main__":
     results = []
     with ThreadPoolExecutor(args.jobs) as pool:
         for result in pool.map(run_config, defaults + sweeps):
+            if result is None:
+                continue
             results.append(result)
             (out / "results.json").write_text(json.dumps({"base": base, "quick": args.quick, "runs": results}, indent=1))
     results.sort(key=lambda r: (list(KNOBS).index(r["script"]), r["variant"] or "", r["value"] or 0, r["seed"]))
