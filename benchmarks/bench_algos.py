@@ -100,7 +100,7 @@ def run(script: str, extra: list[str], output_dir: Path, threads: int) -> dict:
                "--threads", str(threads), *extra]
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONUNBUFFERED="1")
     start = time.time()
-    log = open(output_dir.with_suffix(".log"), "w")
+    log = open(output_dir.parent / f"{output_dir.name}.log", "w")
     process = subprocess.Popen(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
     peak_kib = 0
     while process.poll() is None:
@@ -112,7 +112,7 @@ def run(script: str, extra: list[str], output_dir: Path, threads: int) -> dict:
         time.sleep(0.5)
     seconds = time.time() - start
     if process.returncode != 0:
-        raise RuntimeError(f"{' '.join(command)} failed; see {output_dir.with_suffix('.log')}")
+        raise RuntimeError(f"{' '.join(command)} failed; see {output_dir.parent / (output_dir.name + '.log')}")
     metrics = [json.loads(line) for line in open(output_dir / "metrics.jsonl")]
     steps = metrics[-1]["step"]
     return {"seconds": seconds, "steps": steps, "steps_per_second": steps / seconds,
@@ -178,7 +178,7 @@ def defaults_table(results: list[dict], base: dict) -> str:
         change = f"{100 * (mean - base['sampled_accuracy']):+.1f} ± {100 * stderr:.1f} pts"
         against = "" if script == "sft" or not sft else \
             f"{100 * (mean - mean_and_stderr(sft)[0]):+.1f} ± {100 * (stderr**2 + mean_and_stderr(sft)[1]**2) ** 0.5:.1f} pts"
-        name = f"[{script}.py](algos/{script}.py)" + (f" ({variant})" if variant else "")
+        name = f"{script}.py" + (f" ({variant})" if variant else "")
         cells = [mean_over_seeds([r["eval"][key] for r in runs]) for key in ("greedy_accuracy", "sampled_accuracy")]
         lines.append(f"| {name} | {len(runs)} | {cells[0]} | {cells[1]} | {change} | {against} | "
                      f"{mean_over_seeds([r['eval']['kl'] for r in runs])} | "
