@@ -421,6 +421,9 @@ def build_preference_model(args: Args, out: Path) -> dict:
 
 
 def main(args: Args) -> None:
+    if args.preference_model_init is not None and not args.preference_model_only:
+        sys.exit("error: --preference-model-init trains a built judge further: add --preference-model-only (a new "
+                 "base model would not match it)")
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     out = Path(args.out_dir)
