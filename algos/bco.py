@@ -169,7 +169,7 @@ def bco_loss(
     """The BCO loss of each row, and the implicit rewards.
 
     Inputs are (B,) sums of completion-token log-probs and (B,) bool labels of the rows, and the reward shift δ, a
-    number (no gradient flows into it; RewardShift keeps it). With r = β·(policy - reference),
+    number (no gradient flows into it). With r = β·(policy - reference),
         loss = -λD·log σ(r - δ)  if desirable,  -λU·log σ(δ - r)  otherwise
     returns (losses, rewards): the (B,) per-row losses (differentiable) and the (B,) rewards r (detached).
     """
@@ -180,32 +180,15 @@ def bco_loss(
     return losses, rewards.detach()
 
 
-class RewardShift(float):
-    """δ = (μD + μU)/2, a float. The moving averages μD, μU are the class's (each process updates them alike); pickling
-    an instance saves them and unpickling one restores them: the metrics that save_checkpoint writes (the sums since
-    the last logging step, or the metrics logged at it) hold one, so --resume continues with the run's δ."""
+REWARD_MEANS = [0.0, 0.0]  # μD, μU, behind δ: per-run state (0 at the start, where the policy is the reference)
 
-    means = [0.0, 0.0]  # μD, μU: the policy starts as the reference, every reward 0
 
-    def __new__(cls, means: list[float] | None = None):
-        cls.means = list(cls.means if means is None else means)
-        return super().__new__(cls, sum(cls.means) / 2)
-
-    def __reduce__(self):
-        return RewardShift, (RewardShift.means,)
-
-    def __add__(self, other):  # summed over micro-batches (the metric sums): δ now
-        return RewardShift()
-
-    __radd__ = __add__
-
-    @classmethod
-    def update(cls, rewards: torch.Tensor, desirable: torch.Tensor, decay: float) -> None:
-        """μ <- ρ·μ + (1 - ρ)·(the mean reward of the class's rows, all processes'), for each class in the batch."""
-        for i, rows in enumerate((desirable, ~desirable)):
-            mean = mean_over_ranks({"reward": rewards[rows].sum()}, rows.float().sum())["reward"]
-            if not math.isnan(mean):  # 0 / 0: no rows of the class
-                cls.means[i] = decay * cls.means[i] + (1 - decay) * mean
+def update_reward_means(rewards: torch.Tensor, desirable: torch.Tensor, decay: float) -> None:
+    """μ <- ρ·μ + (1 - ρ)·(the mean reward of the class's rows, all processes'), for each class in the batch."""
+    for i, rows in enumerate((desirable, ~desirable)):
+        mean = mean_over_ranks({"reward": rewards[rows].sum()}, rows.float().sum())["reward"]
+        if not math.isnan(mean):  # 0 / 0: no rows of the class
+            REWARD_MEANS[i] = decay * REWARD_MEANS[i] + (1 - decay) * mean
 
 
 def algorithm_checks(args: Args) -> list[tuple[str, bool, str]]:
@@ -307,8 +290,8 @@ def compute_loss(model, ref_model, batch: dict, args: Args) -> tuple[torch.Tenso
         reference_logps, _ = concatenated_forward(ref_model, batch, args.fused_linear)
     desirable = batch["desirable"]
     if model.training:  # δ moves with each training micro-batch, before its loss
-        RewardShift.update(args.beta * (policy_logps.detach() - reference_logps), desirable, args.reward_shift_decay)
-    reward_shift = RewardShift()  # δ, a float; as a metric it carries the moving averages into checkpoints
+        update_reward_means(args.beta * (policy_logps.detach() - reference_logps), desirable, args.reward_shift_decay)
+    reward_shift = sum(REWARD_MEANS) / 2
     losses, rewards = bco_loss(
         policy_logps, reference_logps, desirable, reward_shift,
         args.beta, args.desirable_weight, args.undesirable_weight,
@@ -316,7 +299,6 @@ def compute_loss(model, ref_model, batch: dict, args: Args) -> tuple[torch.Tenso
     margins = torch.where(desirable, rewards - reward_shift, reward_shift - rewards)
     metrics = {
         "loss": losses.detach().sum(),
-        "reward_shift": reward_shift,
         "rewards/chosen": rewards[desirable].sum(),
         "rewards/rejected": rewards[~desirable].sum(),
         "rewards/margins": margins.sum(),
@@ -332,8 +314,8 @@ def compute_loss(model, ref_model, batch: dict, args: Args) -> tuple[torch.Tenso
 def class_means(sums: dict[str, torch.Tensor], count: torch.Tensor) -> dict[str, float]:
     """mean_over_ranks, but a */chosen or */rejected metric is divided by the number of desirable or undesirable
     rows (count/chosen, count/rejected), and left out when there are none."""
-    kept = {k: v for k, v in sums.items() if not k.endswith(("/chosen", "/rejected")) and k != "reward_shift"}
-    means = {"reward_shift": RewardShift(), **mean_over_ranks(kept, count)}  # δ: its value now, not a mean
+    kept = {k: v for k, v in sums.items() if not k.endswith(("/chosen", "/rejected"))}
+    means = {"reward_shift": sum(REWARD_MEANS) / 2, **mean_over_ranks(kept, count)}  # δ now, not a mean
     for name in ("chosen", "rejected"):
         part = mean_over_ranks({k: v for k, v in sums.items() if k.endswith(f"/{name}")}, sums[f"count/{name}"])
         if part.pop(f"count/{name}") == 1:  # else 0 / 0: no such rows
@@ -840,9 +822,11 @@ if __name__ == "__main__":
     scheduler = get_scheduler(args.lr_scheduler_type, optimizer, round(args.warmup_ratio * total_steps), total_steps)
 
     # output directory: written only now that model and data have loaded; --resume restores the newest checkpoint
-    state = {"step": 0, "sums": {}, "count": torch.zeros((), device=device), "train_metrics": {}, "eval_metrics": {}}
+    state = {"step": 0, "sums": {}, "count": torch.zeros((), device=device), "train_metrics": {}, "eval_metrics": {},
+             "reward_means": [0.0, 0.0]}
     if args.resume:
         state = load_checkpoint(latest_checkpoint(output_dir), policy, optimizer, scheduler, device)
+    REWARD_MEANS[:] = state["reward_means"]  # δ's moving averages: the run's, saved with each checkpoint
     if is_main:
         if args.overwrite:
             shutil.rmtree(output_dir, ignore_errors=True)
@@ -916,7 +900,8 @@ if __name__ == "__main__":
         if dist.is_initialized():
             dist.all_reduce(stop, op=dist.ReduceOp.MAX)  # every process stops after the same step
         if stop or (args.save_steps > 0 and step % args.save_steps == 0):
-            state = {"step": step, "sums": sums, "count": count, "train_metrics": train_metrics, "eval_metrics": eval_metrics}
+            state = {"step": step, "sums": sums, "count": count, "train_metrics": train_metrics, "eval_metrics": eval_metrics,
+                     "reward_means": list(REWARD_MEANS)}
             save_checkpoint(output_dir, step, policy, optimizer, scheduler, state, args)
         if stop:
             if is_main:

@@ -1,20 +1,18 @@
 """algos/bco.py beyond its golden values: the reward shift δ (its moving averages by hand, updated on training
-micro-batches only and before their loss, carried through pickling and through --resume whether the checkpoint falls on
+micro-batches only and before their loss, carried through --resume whether the checkpoint falls on
 a logging step or not), the data path without kto.py's mismatched pairs, and the flag checks, on a tiny character
 tokenizer and a random Llama built here. The loss is pinned by tests/golden/bco.bco_loss.json, the whole script (and
 torchrun, and a resume after a logging step) by tests/test_runs.py; the unpaired data path it shares with kto.py is
 tested in tests/test_kto.py."""
 
-import json
 import math
-import pickle
-import types
 
 import pytest
 import torch
 from transformers import LlamaForCausalLM
 
-from algos.bco import Args, RewardShift, check_args, class_means, collate, compute_loss, micro_batch, prepare_dataset
+from algos.bco import (REWARD_MEANS, Args, check_args, class_means, collate, compute_loss, micro_batch,
+                       prepare_dataset, update_reward_means)
 from tests.golden import REPO, assert_same_run, interrupted_copy, run_script
 from tests.test_kto import BAD, GOOD, OTHER, dataset, naive_logp, tiny_model, tokenizer  # noqa: F401 (fixtures)
 
@@ -22,34 +20,32 @@ LN2 = 0.6931471805599453
 
 
 @pytest.fixture(autouse=True)
-def fresh_reward_shift():
-    """RewardShift keeps its moving averages on the class: each test starts, as a run does, from 0."""
-    RewardShift.means = [0.0, 0.0]
+def fresh_reward_means():
+    """The moving averages are the module's: each test starts, as a run does, from 0."""
+    REWARD_MEANS[:] = [0.0, 0.0]
     yield
-    RewardShift.means = [0.0, 0.0]
+    REWARD_MEANS[:] = [0.0, 0.0]
+
+
+def delta() -> float:
+    return sum(REWARD_MEANS) / 2
 
 
 def test_the_moving_averages_by_hand():
-    RewardShift.update(torch.tensor([1.0, 3.0, -2.0]), torch.tensor([True, True, False]), decay=0.5)
-    assert RewardShift.means == [1.0, -1.0] and RewardShift() == 0.0  # μD = 0.5·2, μU = 0.5·(-2)
-    RewardShift.update(torch.tensor([4.0]), torch.tensor([True]), decay=0.5)  # no undesirable row: μU stays
-    assert RewardShift.means == [2.5, -1.0] and RewardShift() == 0.75
-    RewardShift.update(torch.tensor([7.0, -5.0]), torch.tensor([True, False]), decay=0.0)  # ρ = 0: this batch's means
-    assert RewardShift() == 1.0
-    RewardShift.update(torch.tensor([9.0, 9.0]), torch.tensor([True, False]), decay=1.0)  # ρ = 1: never moves
-    assert RewardShift.means == [7.0, -5.0]
+    update_reward_means(torch.tensor([1.0, 3.0, -2.0]), torch.tensor([True, True, False]), decay=0.5)
+    assert REWARD_MEANS == [1.0, -1.0] and delta() == 0.0  # μD = 0.5·2, μU = 0.5·(-2)
+    update_reward_means(torch.tensor([4.0]), torch.tensor([True]), decay=0.5)  # no undesirable row: μU stays
+    assert REWARD_MEANS == [2.5, -1.0] and delta() == 0.75
+    update_reward_means(torch.tensor([7.0, -5.0]), torch.tensor([True, False]), decay=0.0)  # ρ = 0: this batch's means
+    assert delta() == 1.0
+    update_reward_means(torch.tensor([9.0, 9.0]), torch.tensor([True, False]), decay=1.0)  # ρ = 1: never moves
+    assert REWARD_MEANS == [7.0, -5.0]
 
 
-def test_a_reward_shift_pickles_as_the_current_moving_averages_and_sums_to_the_current_delta():
-    RewardShift.means = [1.0, 2.0]
-    logged = {"reward_shift": RewardShift()}
-    assert logged["reward_shift"] == 1.5 and json.dumps(logged) == '{"reward_shift": 1.5}'
-    RewardShift.means = [3.0, 5.0]  # moves after it was logged: the pickle holds the means now
-    saved = pickle.dumps(logged)
-    RewardShift.means = [0.0, 0.0]  # a fresh process
-    assert pickle.loads(saved)["reward_shift"] == 4.0 and RewardShift.means == [3.0, 5.0]
-    total = 0 + RewardShift() + RewardShift()  # the metric sums of the training loop
-    assert isinstance(total, RewardShift) and total == 4.0
+def test_the_logged_reward_shift_is_delta_now_not_a_mean():
+    REWARD_MEANS[:] = [1.0, 2.0]
+    sums = {"loss": torch.tensor(2.0), "count/chosen": torch.tensor(0.0), "count/rejected": torch.tensor(2.0)}
+    assert class_means(sums, torch.tensor(2.0)) == {"reward_shift": 1.5, "loss": 1.0}
 
 
 def test_rows_are_batched_without_mismatched_pairs(tokenizer):
@@ -77,15 +73,15 @@ def test_delta_moves_on_training_micro_batches_only_before_their_loss(tokenizer,
     policy = LlamaForCausalLM(tiny_model.config).eval()  # another random model: the rewards are not 0
     args = Args(beta=0.5, reward_shift_decay=0.25)
     compute_loss(policy, tiny_model, batch, args)
-    assert RewardShift.means == [0.0, 0.0]  # evaluation (the policy in eval mode) leaves δ alone
+    assert REWARD_MEANS == [0.0, 0.0]  # evaluation (the policy in eval mode) leaves δ alone
     rewards = [0.5 * (naive_logp(policy, r["prompt_ids"], r["completion_ids"])
                       - naive_logp(tiny_model, r["prompt_ids"], r["completion_ids"])) for r in rows]
     desirable, undesirable = (rewards[0] + rewards[2]) / 2, (rewards[1] + rewards[3]) / 2
     policy.train()
-    loss, metrics = compute_loss(policy, tiny_model, batch, args)
-    delta = 0.75 * (desirable + undesirable) / 2
-    assert RewardShift() == pytest.approx(delta, rel=1e-4) and metrics["reward_shift"] == RewardShift()
-    expected = [math.log1p(math.exp(-(r - delta) if label else (r - delta))) for r, label in
+    loss, _ = compute_loss(policy, tiny_model, batch, args)
+    expected_delta = 0.75 * (desirable + undesirable) / 2
+    assert delta() == pytest.approx(expected_delta, rel=1e-4)
+    expected = [math.log1p(math.exp(-(r - expected_delta) if label else (r - expected_delta))) for r, label in
                 zip(rewards, [True, False, True, False])]
     assert loss.item() == pytest.approx(sum(expected) / 4, rel=1e-4)  # this batch's δ, already moved
 
@@ -104,13 +100,6 @@ def test_bco_s_own_flags_are_checked_before_anything_loads(overrides, message):
     check_args(Args(per_device_train_batch_size=1, per_device_eval_batch_size=1))  # no mismatched pairs to make
 
 
-class _ScriptClasses(pickle.Unpickler):
-    """Reads a checkpoint the script (__main__) wrote: its RewardShift is algos.bco's here."""
-
-    def find_class(self, module, name):
-        return RewardShift if (module, name) == ("__main__", "RewardShift") else super().find_class(module, name)
-
-
 def test_resume_between_logging_steps_restores_delta_and_a_lost_delta_would_show(tmp_path):
     """Saved after step 2, before the first logging step (3): the metrics logged so far are none, the sums hold δ.
     The resumed run is the uninterrupted one bit for bit; the same checkpoint with δ's moving averages zeroed (as a
@@ -126,11 +115,9 @@ def test_resume_between_logging_steps_restores_delta_and_a_lost_delta_would_show
 
     interrupted_copy(tmp_path / "whole", tmp_path / "lost", 2)
     state_file = tmp_path / "lost" / "checkpoint-2" / "rank0.pt"
-    state = torch.load(state_file, weights_only=False, pickle_module=types.SimpleNamespace(
-        Unpickler=_ScriptClasses, load=pickle.load, __name__="pickle"))
-    assert isinstance(state["sums"]["reward_shift"], RewardShift) and state["train_metrics"] == {}
-    assert RewardShift.means != [0.0, 0.0]  # what the checkpoint restores
-    RewardShift.means = [0.0, 0.0]
+    state = torch.load(state_file, weights_only=False)
+    assert state["train_metrics"] == {} and state["reward_means"] != [0.0, 0.0]  # what the checkpoint restores
+    state["reward_means"] = [0.0, 0.0]
     torch.save(state, state_file)
     lost = run_script(str(REPO / "algos/bco.py"), args + ["--resume"], tmp_path / "lost")
     assert lost[0]["train/reward_shift"] != whole[0]["train/reward_shift"] and lost[-1] != whole[-1]

@@ -2,7 +2,7 @@
 
 Written from the paper's equations (Jung et al. 2024, eqs. 7-8, with the class weights λD, λU that kto.py has), one
 example at a time with `math`, never calling the script. With r = β·(logp(y) - ref(y)) the implicit reward and δ the
-reward shift, a constant here (the script's RewardShift keeps its moving averages: tests/test_bco.py tests them):
+reward shift, a constant here (the script's REWARD_MEANS keep its moving averages: tests/test_bco.py tests them):
     loss = -λD·log σ(r - δ)   desirable,      -λU·log σ(-(r - δ))   undesirable
 The gradient is derived by hand: d loss / d r = -λD·σ(-(r - δ)) for a desirable example and +λU·σ(r - δ) for an
 undesirable one; r moves with +β per unit of policy, -β per unit of reference. δ is a number, not an input tensor:
