@@ -204,28 +204,24 @@ def curriculum_pairs(scores: list[float], num_stages: int) -> list[list[int]]:
     return [pairs[min(k, len(pairs) - 1)] for k in range(num_stages)]
 
 
-def current_stage(num_stages: int, offset: int = 0) -> int:
-    """The stage of the step being taken (plus offset), the steps cut into equal shares, read from the variables `step`
-    and `total_steps` of the main block's loop, which passes no step on (stage 0 before the loop, or when imported)."""
-    return min(num_stages - 1, (globals().get("step", 1) + offset - 1) * num_stages // globals().get("total_steps", 1))
+def curriculum_stage(step: int, total_steps: int, num_stages: int) -> int:
+    """The stage of a step (1 to total_steps): the steps cut into num_stages equal shares."""
+    return min(num_stages - 1, (step - 1) * num_stages // total_steps)
 
 
 @torch.no_grad()
-def move_reference(model, ref_model, args: Args) -> None:
-    """Make ref_model the policy at the end of the previous stage: at a stage's first step, copied and saved to the main
-    block's <output_dir>/reference-stage-<k> (checkpoints hold trainable weights only); resumed within it, loaded."""
-    if getattr(ref_model, "curriculum_stage", 0) == (stage := current_stage(args.num_stages)):
-        return
-    path, no_dist = os.path.join(globals().get("output_dir", ""), f"reference-stage-{stage}"), not dist.is_initialized()
-    if current_stage(args.num_stages, offset=-1) < stage:  # the stage's first step
-        ref_model.load_state_dict((model.module if isinstance(model, DDP) else model).state_dict())
+def move_reference(policy, ref_model, stage: int, stage_starts: bool, output_dir: str) -> None:
+    """Make ref_model the policy at the end of the previous stage: at the stage's first step, copied and saved to
+    <output_dir>/reference-stage-<stage> (checkpoints hold trainable weights only); resumed within the stage, loaded."""
+    path, no_dist = os.path.join(output_dir, f"reference-stage-{stage}"), not dist.is_initialized()
+    if stage_starts:
+        ref_model.load_state_dict(policy.state_dict())
         dcp.save(ref_model.state_dict(), checkpoint_id=path, no_dist=no_dist)
     elif not os.path.isfile(os.path.join(path, ".metadata")):  # dcp writes it last
         raise FileNotFoundError(f"resuming within curriculum stage {stage} needs its reference, saved to {path}")
     else:
         dcp.load(state := ref_model.state_dict(), checkpoint_id=path, no_dist=no_dist)
         ref_model.load_state_dict(state)
-    ref_model.curriculum_stage = stage
 
 
 def tokenize_row(example: dict, tokenizer, args: Args) -> dict:
@@ -251,11 +247,10 @@ def tokenize_row(example: dict, tokenizer, args: Args) -> dict:
             "identical": any(completions_ids[c] == completions_ids[r] for c, r in pairs)}
 
 
-def collate(rows: list[dict], pad_token_id: int, stage: int | None = None) -> dict[str, torch.Tensor]:
+def collate(rows: list[dict], pad_token_id: int, stage: int) -> dict[str, torch.Tensor]:  # each row's pair of `stage`
     """B rows -> 2B right-padded sequences, the chosen ones first: input_ids, attention_mask, labels (2B, T),
     labels being the input ids on completion tokens and -100 on prompt and padding; plus the (B,)
-    reference log-probs when the rows carry them; each row gives its pair of the current stage, or of `stage`."""
-    stage = current_stage(len(rows[0]["chosen_ids"])) if stage is None else stage
+    reference log-probs when the rows carry them."""
     sequences, labels = [], []
     for key in ("chosen_ids", "rejected_ids"):
         for row in rows:
@@ -283,8 +278,6 @@ def concatenated_forward(model, batch: dict, fused_linear: bool = False):
 
 def compute_loss(model, ref_model, batch: dict, args: Args) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The mean loss of a batch, and the sums over its rows of the logged metrics."""
-    if model.training and ref_model is not None and args.update_reference:  # at a stage's start, the policy
-        move_reference(model, ref_model, args)
     policy_chosen_logps, policy_rejected_logps, aux_loss = concatenated_forward(model, batch, args.fused_linear)
     if ref_model is None:  # precomputed
         reference_chosen_logps = batch["reference_chosen_logps"]
@@ -309,7 +302,7 @@ def compute_loss(model, ref_model, batch: dict, args: Args) -> tuple[torch.Tenso
 
 
 @torch.no_grad()
-def evaluate(policy, ref_model, rows: list[dict], args: Args, pad_token_id, device, autocast) -> dict[str, float]:
+def evaluate(policy, ref_model, rows: list[dict], args: Args, pad_token_id, device, autocast, stage) -> dict[str, float]:
     """eval/ metrics over all rows, each process taking every world_size-th row."""
     policy.eval()
     sums, count = {}, torch.zeros((), device=device)
@@ -317,7 +310,7 @@ def evaluate(policy, ref_model, rows: list[dict], args: Args, pad_token_id, devi
     mine = rows[rank::world_size]
     for start in range(0, len(mine), args.per_device_eval_batch_size):
         chunk = mine[start : start + args.per_device_eval_batch_size]
-        batch = {k: v.to(device) for k, v in collate(chunk, pad_token_id).items()}
+        batch = {k: v.to(device) for k, v in collate(chunk, pad_token_id, stage).items()}
         with autocast:
             _, metrics = compute_loss(policy, ref_model, batch, args)
         sums = {k: sums.get(k, 0) + v for k, v in metrics.items()}
@@ -862,12 +855,18 @@ if __name__ == "__main__":
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, note_signal)
     progress = tqdm(range(state["step"] + 1, total_steps + 1), disable=not is_main, dynamic_ncols=True)
+    reference_stage = 0  # the stage whose reference ref_model is: the initial model's
     for step in progress:
         indices = next(batches)
+        stage = curriculum_stage(step, total_steps, args.num_stages)
+        if args.update_reference and stage != reference_stage:  # the policy at the end of the previous stage
+            starts = curriculum_stage(step - 1, total_steps, args.num_stages) < stage
+            move_reference(policy, ref_model, stage, starts, output_dir)
+            reference_stage = stage
         for micro_step in range(accumulation):
             start = (micro_step * world_size + rank) * micro_batch_size
             rows = [train_rows[i] for i in indices[start : start + micro_batch_size]]
-            batch = {k: v.to(device) for k, v in collate(rows, pad_token_id).items()}
+            batch = {k: v.to(device) for k, v in collate(rows, pad_token_id, stage).items()}
             # DDP all-reduces on the last backward only; FSDP reduce-scatters on each (its gradients are sharded)
             syncing = micro_step == accumulation - 1 or world_size == 1 or args.fsdp
             with nullcontext() if syncing else model.no_sync():
@@ -893,7 +892,7 @@ if __name__ == "__main__":
             shown = {"loss": "train/loss", "margin": "train/rewards/margins", "acc": "train/rewards/accuracies"}
             progress.set_postfix({name: f"{train_metrics[key]:.3f}" for name, key in shown.items()})
         if eval_rows and ((args.eval_steps > 0 and step % args.eval_steps == 0) or step == total_steps):
-            eval_metrics = evaluate(policy, ref_model, eval_rows, args, pad_token_id, device, autocast)
+            eval_metrics = evaluate(policy, ref_model, eval_rows, args, pad_token_id, device, autocast, stage)
             logs.update(eval_metrics)
             if is_main:
                 progress.write(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in eval_metrics.items()))
