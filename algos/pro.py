@@ -141,8 +141,6 @@ class Args:
     """passes over the training split (ignored when --max-steps is set)"""
     max_steps: int | None = None
     """if set, train for exactly this many optimiser steps"""
-    precompute_ref_logps: bool = False
-    """if toggled, compute the reference log-probs once before training and free the reference model"""
     logging_steps: int = 10
     """log training metrics every this many optimiser steps"""
     eval_steps: int = 100
@@ -257,7 +255,7 @@ def tokenize_row(example: dict, tokenizer, args: Args) -> dict:
 def collate(rows: list[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
     """B rows -> their N completions as right-padded sequences, row by row: input_ids, attention_mask,
     labels (N, T), labels being the input ids on completion tokens and -100 on prompt and padding; the (N,)
-    scores ψ and the (B,) list sizes; plus the (N,) reference log-probs when the rows carry them."""
+    scores ψ and the (B,) list sizes."""
     sequences, labels = [], []
     for row in rows:
         for ids in row["completions_ids"]:
@@ -271,8 +269,6 @@ def collate(rows: list[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
         "scores": torch.tensor([score for row in rows for score in row["scores"]]),
         "list_sizes": torch.tensor([len(row["completions_ids"]) for row in rows]),
     }
-    if "reference_logps" in rows[0]:
-        batch["reference_logps"] = torch.tensor([logp for row in rows for logp in row["reference_logps"]])
     return batch
 
 
@@ -283,10 +279,10 @@ def concatenated_forward(model, batch: dict, fused_linear: bool = False):
     return batch_logps(logits, batch["labels"]), aux_loss
 
 
-def compute_loss(model, ref_model, batch: dict, args: Args) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def compute_loss(model, batch: dict, args: Args) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The mean loss of a batch, and the sums over its rows of the logged metrics."""
     policy_logps, aux_loss = concatenated_forward(model, batch, args.fused_linear)
-    lengths = (batch["labels"][:, 1:] != -100).sum(-1)  # the tokens summed in each log-prob; no reference model
+    lengths = (batch["labels"][:, 1:] != -100).sum(-1)  # the tokens summed in each log-prob
     losses, rewards = pro_loss(policy_logps, lengths, batch["scores"], batch["list_sizes"], args.beta,
                                args.sft_weight, args.dynamic_temperature)
     # each list's chosen (best) and rejected (worst) completion: the first with the highest / lowest score
@@ -311,7 +307,7 @@ def compute_loss(model, ref_model, batch: dict, args: Args) -> tuple[torch.Tenso
 
 
 @torch.no_grad()
-def evaluate(policy, ref_model, rows: list[dict], args: Args, pad_token_id, device, autocast) -> dict[str, float]:
+def evaluate(policy, rows: list[dict], args: Args, pad_token_id, device, autocast) -> dict[str, float]:
     """eval/ metrics over all rows, each process taking every world_size-th row."""
     policy.eval()
     sums, count = {}, torch.zeros((), device=device)
@@ -321,31 +317,11 @@ def evaluate(policy, ref_model, rows: list[dict], args: Args, pad_token_id, devi
         chunk = mine[start : start + args.per_device_eval_batch_size]
         batch = {k: v.to(device) for k, v in collate(chunk, pad_token_id).items()}
         with autocast:
-            _, metrics = compute_loss(policy, ref_model, batch, args)
+            _, metrics = compute_loss(policy, batch, args)
         sums = {k: sums.get(k, 0) + v for k, v in metrics.items()}
         count += len(chunk)
     policy.train()
     return {f"eval/{k}": v for k, v in mean_over_ranks(sums, count).items()}
-
-
-@torch.no_grad()
-def precompute_ref_logps(ref_model, rows: list[dict], args: Args, pad_token_id, device, autocast) -> None:
-    """Store each row's reference log-probs in it, computed once (each process a share, then exchanged)."""
-    rank, world_size = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-    mine, indices = {}, list(range(rank, len(rows), world_size))
-    for start in range(0, len(indices), args.per_device_eval_batch_size):
-        chunk = indices[start : start + args.per_device_eval_batch_size]
-        batch = {k: v.to(device) for k, v in collate([rows[i] for i in chunk], pad_token_id).items()}
-        with autocast:
-            logps, _ = concatenated_forward(ref_model, batch, args.fused_linear)
-        mine.update(zip(chunk, (part.tolist() for part in logps.split(batch["list_sizes"].tolist()))))
-    shares = [mine]
-    if dist.is_initialized():
-        shares = [None] * world_size
-        dist.all_gather_object(shares, mine)
-    for share in shares:
-        for i, logps in share.items():
-            rows[i]["reference_logps"] = logps
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -587,25 +563,6 @@ def load_model(args: Args, dtype: torch.dtype, device):
     return model
 
 
-class AdaptersDisabled:
-    """The reference of a --lora run: the policy called with its adapters disabled (and in eval mode), i.e. the
-    base model, without a second copy of its weights. Other attributes are the policy's."""
-
-    def __init__(self, model):
-        self.model = model
-
-    def __call__(self, **kwargs):
-        training = self.model.training
-        self.model.eval()
-        with self.model.disable_adapter():
-            output = self.model(**kwargs)
-        self.model.train(training)
-        return output
-
-    def __getattr__(self, name):
-        return getattr(self.model, name)
-
-
 def lora_target_modules(names: tuple[str, ...]) -> str | list[str]:
     """--lora-target-modules for peft: "all-linear" is peft's shorthand only as a plain string."""
     return "all-linear" if names == ("all-linear",) else list(names)
@@ -775,11 +732,8 @@ if __name__ == "__main__":
             print(f"warning: {count} of {len(train_rows) + len(eval_rows)} rows {what}")
     if args.fsdp:
         check_fsdp_shares(len(eval_rows), world_size, args.per_device_eval_batch_size, "the test split")
-        if args.precompute_ref_logps:
-            check_fsdp_shares(len(train_rows), world_size, args.per_device_eval_batch_size, "the train split")
 
-    # models: the policy trains; the reference is a frozen copy in eval mode (with --lora: the policy's own base
-    # model, adapters disabled); --fsdp shards both, DDP replicates the policy otherwise
+    # model: the policy trains; PRO has no reference model; --fsdp shards the policy, DDP replicates it otherwise
     dtype = getattr(torch, args.dtype)
     policy = load_model(args, dtype, device)
     policy.train()
@@ -792,22 +746,12 @@ if __name__ == "__main__":
             r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
             target_modules=lora_target_modules(args.lora_target_modules), task_type="CAUSAL_LM",
         ))
-        ref_model = AdaptersDisabled(policy)
-    else:
-        ref_model = load_model(args, dtype, device)
-        ref_model.eval().requires_grad_(False)
     if args.fused_linear:
         check_fused_linear(policy, device)
     if args.fsdp:
         shard(policy)
-        if not args.lora:
-            shard(ref_model)
     model = DDP(policy, device_ids=[local_rank] if use_cuda else None) if world_size > 1 and not args.fsdp else policy
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16)
-    if args.precompute_ref_logps:
-        precompute_ref_logps(ref_model, train_rows, args, pad_token_id, device, autocast)
-        precompute_ref_logps(ref_model, eval_rows, args, pad_token_id, device, autocast)
-        ref_model = None
 
     # optimiser and schedule
     micro_batch_size, accumulation = args.per_device_train_batch_size, args.gradient_accumulation_steps
@@ -861,7 +805,7 @@ if __name__ == "__main__":
             syncing = micro_step == accumulation - 1 or world_size == 1 or args.fsdp
             with nullcontext() if syncing else model.no_sync():
                 with autocast:
-                    loss, metrics = compute_loss(model, ref_model, batch, args)
+                    loss, metrics = compute_loss(model, batch, args)
                 (loss / accumulation).backward()
             sums = {k: sums.get(k, 0) + v for k, v in metrics.items()}
             count += len(rows)
@@ -882,7 +826,7 @@ if __name__ == "__main__":
             shown = {"loss": "train/loss", "margin": "train/rewards/margins", "acc": "train/rewards/accuracies"}
             progress.set_postfix({name: f"{train_metrics[key]:.3f}" for name, key in shown.items()})
         if eval_rows and ((args.eval_steps > 0 and step % args.eval_steps == 0) or step == total_steps):
-            eval_metrics = evaluate(policy, ref_model, eval_rows, args, pad_token_id, device, autocast)
+            eval_metrics = evaluate(policy, eval_rows, args, pad_token_id, device, autocast)
             logs.update(eval_metrics)
             if is_main:
                 progress.write(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in eval_metrics.items()))

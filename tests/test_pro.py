@@ -1,8 +1,10 @@
 """algos/pro.py beyond its golden values: the limits that reduce PRO to a sibling's loss (lipo.py's ListMLE without
 the temperatures, simpo.py's pair loss for two completions), the per-list dynamic temperature (shift and scale of the
 scores), the invariance to the order of a list (ties included), the SFT weight λ·(n - 1)², the whole batch through a
-model (lengths from the labels, no reference model read), the flags; on a tiny character tokenizer and a random Llama
+model (lengths from the labels), no reference model, the flags; on a tiny character tokenizer and a random Llama
 built here, no training. The loss is pinned by tests/golden/pro.pro_loss.json, the whole script by tests/test_runs.py."""
+
+import dataclasses
 
 import pytest
 import torch
@@ -13,6 +15,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 from algos.lipo import lipo_loss
 from algos.pro import Args, batch_logps, check_args, collate, compute_loss, prepare_dataset, pro_loss
 from algos.simpo import simpo_loss
+from tests.golden import REPO
 
 SIZES = [4, 3, 2, 4, 1]
 LEVELS = torch.tensor([0.0, 1 / 3, 0.5, 2 / 3, 1.0, 2.0], dtype=torch.float64)
@@ -124,12 +127,11 @@ LISTS = [
 ]
 
 
-def test_a_batch_through_the_model_uses_lengths_from_the_labels_and_no_reference(tokenizer):
+def test_a_batch_through_the_model_uses_lengths_from_the_labels(tokenizer):
     rows = prepare_dataset(Dataset.from_list(LISTS), tokenizer, len(tokenizer), Args())
     batch = collate(rows, tokenizer.pad_token_id)
     policy = tiny_llama(tokenizer, 0)
-    loss, metrics = compute_loss(policy, None, batch, Args())
-    assert torch.equal(loss, compute_loss(policy, tiny_llama(tokenizer, 1), batch, Args())[0])  # the reference unread
+    loss, metrics = compute_loss(policy, batch, Args())
     with torch.no_grad():
         logps = batch_logps(policy(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits,
                             batch["labels"])
@@ -145,3 +147,11 @@ def test_flags():
     with pytest.raises(ValueError, match=r"--beta 0.0: must be > 0"):
         check_args(Args(beta=0.0))
     check_args(Args(sft_weight=0.0, dynamic_temperature=False))  # the ranking term alone, the paper's base loss
+
+
+def test_no_reference_model_is_loaded():
+    """PRO's scores are the policy's own: the script has no --precompute-ref-logps and loads one model."""
+    assert "precompute_ref_logps" not in {field.name for field in dataclasses.fields(Args)}
+    source = (REPO / "algos/pro.py").read_text()
+    main = source[source.index('if __name__ == "__main__":'):]
+    assert main.count("load_model(") == 1 and "ref_model" not in source
