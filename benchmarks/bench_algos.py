@@ -53,8 +53,8 @@ KNOBS = {
     "npo": ("beta", [1.0, 2.0, 4.0]),
     "rpo": ("rpo_alpha", [4.0, 16.0, 64.0]),
     "ld_dpo": ("ld_alpha", [0.0, 0.5, 1.0]),  # α in [0, 1]: its ends, DPO (1) and the longer tails cut (0)
-    "curry_dpo": ("beta", [1.0, 2.0, 4.0]),
-    "pro": ("sft_weight", [0.01, 0.05, 0.25]),
+    "curry_dpo": ("beta", [2.0, 4.0, 8.0]),
+    "pro": ("sft_weight", [0.0, 0.01, 0.05]),  # λ = 0: the ranking term alone
     "orpo": ("orpo_lambda", [0.025, 0.1, 0.4]),
     "bco": ("reward_shift_decay", [0.9, 0.99, 1.0]),  # ρ in [0, 1]: 1 is δ = 0, the paper's BCE baseline
 }
@@ -256,8 +256,9 @@ if __name__ == "__main__":
         label = f"{knob}{value}" if value is not None else (variant or "defaults").replace(" ", "_")
         name = f"{script}__{label}__seed{seed}"
         record = out / "records" / f"{name}.json"
-        if record.exists() and not args.rerun:
-            return json.loads(record.read_text())
+        is_default = variant is None and (value is None or value == KNOBS[script][1][len(KNOBS[script][1]) // 2])
+        if record.exists() and not args.rerun:  # whether it is the default is KNOBS's say now, not when it ran
+            return {**json.loads(record.read_text()), "is_default": is_default}
         if args.report_only:
             return None
         extra = ["--seed", str(seed), *flags]
@@ -268,7 +269,6 @@ if __name__ == "__main__":
         scores = evaluate(out / "runs" / name, eval_k, args.threads, out / "runs" / f"{name}.eval.json")
         print(f"{name}: {train['seconds']:.0f}s, greedy {scores['greedy_accuracy']:.3f}, "
               f"sampled {scores['sampled_accuracy']:.3f}, KL {scores['kl']:.2f}", flush=True)
-        is_default = variant is None and (value is None or value == KNOBS[script][1][len(KNOBS[script][1]) // 2])
         result = {"script": script, "variant": variant, "knob": knob, "value": value, "seed": seed, "train": train,
                   "eval_seconds": time.time() - eval_start, "eval": scores, "is_default": is_default,
                   "jobs": args.jobs}

@@ -1,12 +1,16 @@
 """algos/rdpo.py beyond its golden values: the properties the paper's loss is built for, on random float64 inputs
-(no model, no training). The loss is pinned by tests/golden/rdpo.rdpo_loss.json, the whole script by
-tests/test_runs.py; the plumbing shared with dpo.py is tested in tests/test_dpo.py."""
+(no model, no training), and the label flips of benchmarks/bench_noisy_labels.py. The loss is pinned by
+tests/golden/rdpo.rdpo_loss.json, the whole script by tests/test_runs.py; the plumbing shared with dpo.py is tested in
+tests/test_dpo.py."""
+
+import json
 
 import pytest
 import torch
 
 from algos.dpo import dpo_loss
 from algos.rdpo import Args, check_args, rdpo_loss
+from benchmarks.bench_noisy_labels import DATA, flip_labels
 
 
 def random_logps(seed: int, n: int = 64) -> list[torch.Tensor]:
@@ -68,3 +72,15 @@ def test_flip_rate_must_be_below_one_half():
     assert not hasattr(Args(), "label_smoothing")  # rDPO has no cDPO term: dpo.py's flag is not carried over
     assert rdpo_loss.__defaults__ == (Args().flip_rate,)
 
+
+
+def test_the_noisy_labels_benchmark_flips_a_seeded_share_of_the_pairs(tmp_path):
+    source = [json.loads(line) for line in (DATA / "pairs_train.jsonl").read_text().splitlines()]
+    flipped = flip_labels(DATA / "pairs_train.jsonl", tmp_path / "a.jsonl", 0.2, seed=0)
+    rows = [json.loads(line) for line in (tmp_path / "a.jsonl").read_text().splitlines()]
+    swapped = [(r["chosen"], r["rejected"]) == (s["rejected"], s["chosen"]) for r, s in zip(rows, source)]
+    kept = [r == s for r, s in zip(rows, source)]
+    assert len(rows) == len(source) and all(a != b for a, b in zip(swapped, kept)) and sum(swapped) == flipped
+    assert abs(flipped / len(rows) - 0.2) < 0.03  # a binomial share: 1689 pairs, standard deviation 0.01
+    assert flip_labels(DATA / "pairs_train.jsonl", tmp_path / "b.jsonl", 0.2, seed=0) == flipped
+    assert (tmp_path / "b.jsonl").read_text() == (tmp_path / "a.jsonl").read_text()  # seeded
