@@ -148,7 +148,7 @@ class Args:
     eval_steps: int = 100
     """evaluate every this many optimiser steps (0: only at the end)"""
 
-    beta: float = 2.0
+    beta: float = 4.0
     """β, the strength of the KL penalty: the inverse temperature of the implicit reward"""
     label_smoothing: float = 0.0
     """ε of conservative DPO: the assumed probability that a preference label is flipped (0: DPO)"""

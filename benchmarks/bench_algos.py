@@ -11,8 +11,8 @@ Each run is `python algos/<script>.py --seed S --<knob> V --output-dir ...` in i
 (default 2, one per core of a 2-core machine: the table then says that the wall times and step rates were measured
 with the CPU shared); its saved policy is then scored by benchmarks/arith/evaluate.py in its own process (greedy
 and sampled accuracy on the held-out prompts, step correctness, length, KL(policy || base), ranking accuracy on
-the held-out pairs). VARIANTS adds labelled runs of a script without an optional term (SimPO without its SFT term,
-CPL without its BC term, Nash-MD judged by the verifier), at the default knob value, for every seed.
+the held-out pairs). VARIANTS adds labelled runs of a script without an optional term (SimPO and PRO without their SFT
+term, CPL without its BC term, Nash-MD judged by the verifier), at the default knob value, for every seed.
 Outputs, under --out-dir: records/<run>.json (one per finished run: its training figures, logged metrics and
 evaluation; committed, small), results.json (every run), results.md (the table: mean ± standard error over seeds),
 defaults.md (each script's defaults: the change against the base model and against sft.py, for the README),
@@ -54,7 +54,7 @@ KNOBS = {
     "rpo": ("rpo_alpha", [4.0, 16.0, 64.0]),
     "ld_dpo": ("ld_alpha", [0.0, 0.5, 1.0]),  # α in [0, 1]: its ends, DPO (1) and the longer tails cut (0)
     "curry_dpo": ("beta", [2.0, 4.0, 8.0]),
-    "pro": ("sft_weight", [0.0, 0.01, 0.05]),  # λ = 0: the ranking term alone
+    "pro": ("sft_weight", [0.01, 0.05, 0.25]),
     "orpo": ("orpo_lambda", [0.025, 0.1, 0.4]),
     "bco": ("reward_shift_decay", [0.9, 0.99, 1.0]),  # ρ in [0, 1]: 1 is δ = 0, the paper's BCE baseline
 }
@@ -63,6 +63,7 @@ KNOBS = {
 VARIANTS = {
     "simpo": [("no SFT term", ["--sft-weight", "0"])],
     "cpl": [("no BC term", ["--bc-coef", "0"])],
+    "pro": [("no SFT term", ["--sft-weight", "0"])],
     "nash_md": [("verifier judge", ["--judge", "verifier"])],
 }
 
