@@ -1,41 +1,25 @@
 """algos/cpl.py's segment scores (the discount γ over completion tokens, the per-token mean of the BC term),
-its hyperparameter checks and its bad-data errors, on a tiny character tokenizer and a random Llama built
-here. The loss is pinned by tests/golden/cpl.cpl_loss.json, the whole script by tests/test_runs.py."""
+its hyperparameter checks and its bad-data errors, on a tiny character tokenizer and a random Llama of
+tests/tiny.py. The loss is pinned by tests/golden/cpl.cpl_loss.json, the whole script by tests/test_runs.py."""
 
 import pytest
 import torch
 from datasets import Dataset
-from tokenizers import Tokenizer, models, processors
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from algos.cpl import Args, check_args, collate, compute_loss, concatenated_forward, cpl_loss, prepare_dataset
 from tests.references.cpl import cpl_loss as reference_cpl_loss
 from tests.references.cpl import segment_score
-
-CHARS = list("0123456789+-*()=: \nQAnswer")
-
-
-def make_tokenizer():
-    vocab = {token: i for i, token in enumerate(["<pad>", "<s>", "</s>", "<unk>", *dict.fromkeys(CHARS)])}
-    backend = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
-    backend.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
-    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
-                                   unk_token="<unk>")
+from tests.tiny import make_tokenizer, tiny_llama
 
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    return make_tokenizer()
+    return make_tokenizer(chat_template=None)
 
 
 @pytest.fixture(scope="module")
 def tiny_model(tokenizer):
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                         pad_token_id=tokenizer.pad_token_id)
-    return LlamaForCausalLM(config).eval()
+    return tiny_llama(tokenizer, 0)
 
 
 EXAMPLE = {"prompt": "Q: (1+2)*3\n", "chosen": "1 + 2 = 3\n3 * 3 = 9\nAnswer: 9", "rejected": "Answer: 8"}
@@ -134,9 +118,7 @@ def test_an_example_that_cannot_fit_is_an_error(tokenizer):
 
 def test_the_implicit_prompt_format_gives_the_explicit_prompt_s_tokens():
     """TRL's implicit-prompt format: chosen and rejected are whole conversations sharing their leading messages."""
-    tokenizer = make_tokenizer()
-    tokenizer.chat_template = ("{% for m in messages %}{% if m['role'] == 'user' %}{{ 'Q: ' + m['content'] + '\\n' }}"
-                               "{% else %}{{ m['content'] }}{% endif %}{% endfor %}")
+    tokenizer = make_tokenizer()  # with the plain chat template
     user = {"role": "user", "content": "7"}
     implicit = {"chosen": [user, {"role": "assistant", "content": "Answer: 7"}],
                 "rejected": [user, {"role": "assistant", "content": "Answer: 1"}]}

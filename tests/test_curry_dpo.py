@@ -2,7 +2,7 @@
 (tests/references/curry_dpo.py), the schedule of stages over the steps, one stage being DPO on each list's best and
 worst completions, the reference that becomes the policy at a stage's first step (saved, and restored by a run resumed
 within the stage: by hand, and in short runs of the script), the precomputed reference of each stage, the flags' checks;
-on a tiny character tokenizer and random Llamas built here. The loss is pinned by
+on a tiny character tokenizer and random Llamas of tests/tiny.py. The loss is pinned by
 tests/golden/curry_dpo.curry_dpo_loss.json, the whole script (two stages, the reference moving at step 4, resume at the
 stage boundary) by tests/test_runs.py."""
 
@@ -12,8 +12,6 @@ import shutil
 import pytest
 import torch
 from datasets import Dataset
-from tokenizers import Tokenizer, models, processors
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from algos import dpo
 from algos.curry_dpo import (
@@ -22,6 +20,7 @@ from algos.curry_dpo import (
 )
 from tests.golden import REPO, assert_same_run, interrupted_copy, run_script
 from tests.references.curry_dpo import curriculum, stage_of_step
+from tests.tiny import make_tokenizer, tiny_llama
 
 LISTS = [  # best completion, then its pairs from the largest score gap down; a tie in the middle; a list without one
     {"prompt": "Q: 1+2\n", "completions": ["Answer: 3", "Answer: 4", "1 + 2 = 3\nAnswer: 3", "Answer: 0"],
@@ -35,21 +34,7 @@ LN2 = 0.6931471805599453
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    chars = dict.fromkeys("0123456789+-*()=: \nQAnswer")
-    vocab = {token: i for i, token in enumerate(["<pad>", "<s>", "</s>", "<unk>", *chars])}
-    backend = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
-    backend.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
-    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
-                                   unk_token="<unk>")
-
-
-def tiny_llama(tokenizer, seed):
-    torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                         pad_token_id=tokenizer.pad_token_id)
-    return LlamaForCausalLM(config)
+    return make_tokenizer(chat_template=None)
 
 
 def rows_of(tokenizer, **flags):
@@ -112,9 +97,9 @@ def test_one_stage_is_dpo_on_the_best_and_worst_completions(tokenizer):
         example["scores"]))], "rejected": example["completions"][example["scores"].index(min(example["scores"]))]}
         for example in LISTS]
     pairs = dpo.prepare_dataset(Dataset.from_list(best_worst), tokenizer, len(tokenizer), dpo.Args())
-    policy, reference = tiny_llama(tokenizer, 0), tiny_llama(tokenizer, 1).eval()
+    policy, reference = tiny_llama(tokenizer, 0).train(), tiny_llama(tokenizer, 1)
     ours = compute_loss(policy, reference, collate(rows, tokenizer.pad_token_id, 0), Args(num_stages=1))
-    theirs = dpo.compute_loss(policy, reference, dpo.collate(pairs, tokenizer.pad_token_id), dpo.Args())
+    theirs = dpo.compute_loss(policy, reference, dpo.collate(pairs, tokenizer.pad_token_id), dpo.Args(beta=Args().beta))
     assert torch.equal(ours[0], theirs[0]) and all(torch.equal(ours[1][k], theirs[1][k]) for k in theirs[1])
 
 
@@ -128,7 +113,7 @@ def same(a, b):
 
 def test_the_reference_becomes_the_policy_at_a_stage_s_first_step_and_is_reloaded_within_it(tokenizer, tmp_path):
     rows = rows_of(tokenizer)
-    policy, reference = tiny_llama(tokenizer, 0), tiny_llama(tokenizer, 1).eval().requires_grad_(False)
+    policy, reference = tiny_llama(tokenizer, 0).train(), tiny_llama(tokenizer, 1).requires_grad_(False)
     move_reference(policy, reference, 1, True, str(tmp_path))  # stage 1's first step
     end_of_stage_0 = weights(policy)
     assert same(weights(reference), end_of_stage_0) and (tmp_path / "reference-stage-1" / ".metadata").is_file()
@@ -138,7 +123,7 @@ def test_the_reference_becomes_the_policy_at_a_stage_s_first_step_and_is_reloade
     with torch.no_grad():  # the policy trains on within the stage
         for parameter in policy.parameters():
             parameter.add_(0.01)
-    resumed = tiny_llama(tokenizer, 1).eval().requires_grad_(False)  # a new process, resumed within stage 1
+    resumed = tiny_llama(tokenizer, 1).requires_grad_(False)  # a new process, resumed within stage 1
     move_reference(policy, resumed, 1, False, str(tmp_path))
     assert same(weights(resumed), end_of_stage_0) and not same(weights(resumed), weights(policy))
     with pytest.raises(FileNotFoundError, match="resuming within curriculum stage 1 needs its reference"):
@@ -171,7 +156,7 @@ def test_a_fixed_reference_never_moves(tmp_path):
 
 def test_precomputed_reference_logps_of_every_stage_match_the_reference_model(tokenizer):
     rows, args = [dict(row) for row in rows_of(tokenizer)], Args(update_reference=False, per_device_eval_batch_size=2)
-    policy, reference = tiny_llama(tokenizer, 0).eval(), tiny_llama(tokenizer, 1).eval()
+    policy, reference = tiny_llama(tokenizer, 0), tiny_llama(tokenizer, 1)
     precompute_ref_logps(reference, rows, args, tokenizer.pad_token_id, torch.device("cpu"),
                          torch.autocast("cpu", enabled=False))
     assert all(len(row["reference_chosen_logps"]) == 3 for row in rows)

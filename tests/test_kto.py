@@ -1,5 +1,5 @@
 """algos/kto.py's data preparation, mismatched pairs, batching, log-probs, z0, its own flag checks and bad-input errors, on a tiny
-character tokenizer and a random Llama built here (no bundled assets needed). The loss itself is pinned by
+character tokenizer and a random Llama of tests/tiny.py (no bundled assets needed). The loss itself is pinned by
 tests/golden/kto.kto_loss.json, the whole script (and torchrun) by tests/test_runs.py."""
 
 import json
@@ -11,8 +11,7 @@ import sys
 import pytest
 import torch
 from datasets import Dataset
-from tokenizers import Tokenizer, models, processors
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import LlamaForCausalLM
 
 from algos.kto import (
     Args,
@@ -31,21 +30,7 @@ from algos.kto import (
     unpair,
 )
 from tests.golden import REPO, RUN_ENV
-
-CHARS = list("0123456789+-*()=: \nQAnswer")
-# the bundled model's convention: the template writes neither BOS nor EOS
-PLAIN_TEMPLATE = ("{% for m in messages %}{% if m['role'] == 'user' %}{{ 'Q: ' + m['content'] + '\\n' }}"
-                  "{% else %}{{ m['content'] }}{% endif %}{% endfor %}")
-
-
-def make_tokenizer(chat_template=PLAIN_TEMPLATE):
-    vocab = {token: i for i, token in enumerate(["<pad>", "<s>", "</s>", "<unk>", *dict.fromkeys(CHARS)])}
-    backend = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
-    backend.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>",
-                                        pad_token="<pad>", unk_token="<unk>")
-    tokenizer.chat_template = chat_template
-    return tokenizer
+from tests.tiny import make_tokenizer, tiny_llama
 
 
 @pytest.fixture(scope="module")
@@ -225,12 +210,7 @@ def test_eval_groups_cover_every_row_once_and_never_leave_a_group_too_small():
 
 @pytest.fixture(scope="module")
 def tiny_model(tokenizer):
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                         pad_token_id=tokenizer.pad_token_id)
-    return LlamaForCausalLM(config).eval()
+    return tiny_llama(tokenizer, 0)
 
 
 def naive_logp(model, prompt_ids, completion_ids):

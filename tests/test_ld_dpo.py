@@ -1,20 +1,19 @@
 """algos/ld_dpo.py beyond its golden values, through the model: α = 1 is DPO, pairs of equal lengths make α
 irrelevant, the weights fall on the tokens after the shorter completion's length of policy and reference alike, the
-precomputed reference is desensitized too, the flag's check; on a tiny character tokenizer and random Llamas built
-here. desensitized_logps and the loss are pinned by tests/golden/ld_dpo.*.json, the whole script by tests/test_runs.py;
-the plumbing shared with dpo.py is tested in tests/test_dpo.py."""
+precomputed reference is desensitized too, the flag's check; on a tiny character tokenizer and random Llamas of
+tests/tiny.py. desensitized_logps and the loss are pinned by tests/golden/ld_dpo.*.json, the whole script by
+tests/test_runs.py; the plumbing shared with dpo.py is tested in tests/test_dpo.py."""
 
 import pytest
 import torch
 from datasets import Dataset
-from tokenizers import Tokenizer, models, processors
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 import algos.dpo
 from algos.ld_dpo import (
     Args, check_args, collate, compute_loss, concatenated_forward, ld_dpo_loss, precompute_ref_logps, prepare_dataset,
     shifted_logprobs,
 )
+from tests.tiny import make_tokenizer, tiny_llama
 
 UNEQUAL = [  # completions of 30 and 10, 10 and 16, 20 and 20 tokens (EOS included)
     {"prompt": "Q: (1+2)*3\n", "chosen": "1 + 2 = 3\n3 * 3 = 9\nAnswer: 9", "rejected": "Answer: 8"},
@@ -27,21 +26,7 @@ CPU = (torch.device("cpu"), torch.autocast("cpu", enabled=False))
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    chars = dict.fromkeys("0123456789+-*()=: \nQAnswer")
-    vocab = {token: i for i, token in enumerate(["<pad>", "<s>", "</s>", "<unk>", *chars])}
-    backend = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
-    backend.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
-    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
-                                   unk_token="<unk>")
-
-
-def tiny_llama(tokenizer, seed):
-    torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                         pad_token_id=tokenizer.pad_token_id)
-    return LlamaForCausalLM(config).eval()
+    return make_tokenizer(chat_template=None)
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,6 @@
 """algos/lipo.py's objectives at the edges the golden file cannot hold (ties in the rewards, gradients that
 must not exist, the equivalence to algos/dpo.py), its data checks, batching and log-probs, on a tiny
-character tokenizer and a random Llama built here (no bundled assets needed). The loss values are pinned by
+character tokenizer and a random Llama of tests/tiny.py (no bundled assets needed). The loss values are pinned by
 tests/golden/lipo.lipo_loss.json, the whole script by tests/test_runs.py."""
 
 import math
@@ -8,8 +8,7 @@ import math
 import pytest
 import torch
 from datasets import Dataset
-from tokenizers import Tokenizer, models, processors
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import LlamaForCausalLM
 
 from algos.dpo import dpo_loss
 from algos.lipo import (
@@ -26,6 +25,7 @@ from algos.lipo import (
     tokenize_row,
     win_rates,
 )
+from tests.tiny import make_tokenizer, tiny_llama
 
 LOSS_TYPES = ["lambda", "pair_logistic", "list_mle", "softmax"]
 LN2, LN3 = math.log(2), math.log(3)
@@ -151,21 +151,6 @@ def test_pad_lists():
 
 # data: a character tokenizer like the bundled model's
 
-CHARS = list("0123456789+-*()=: \nQAnswer")
-PLAIN_TEMPLATE = ("{% for m in messages %}{% if m['role'] == 'user' %}{{ 'Q: ' + m['content'] + '\\n' }}"
-                  "{% else %}{{ m['content'] }}{% endif %}{% endfor %}")
-
-
-def make_tokenizer(chat_template=PLAIN_TEMPLATE):
-    vocab = {token: i for i, token in enumerate(["<pad>", "<s>", "</s>", "<unk>", *dict.fromkeys(CHARS)])}
-    backend = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
-    backend.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>",
-                                        pad_token="<pad>", unk_token="<unk>")
-    tokenizer.chat_template = chat_template
-    return tokenizer
-
-
 @pytest.fixture(scope="module")
 def tokenizer():
     return make_tokenizer()
@@ -276,12 +261,7 @@ def test_collate_flattens_ragged_lists_list_by_list(tokenizer):
 
 @pytest.fixture(scope="module")
 def tiny_model(tokenizer):
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                         pad_token_id=tokenizer.pad_token_id)
-    return LlamaForCausalLM(config).eval()
+    return tiny_llama(tokenizer, 0)
 
 
 EXAMPLES = [EXAMPLE, {"prompt": "Q: 7\n", "completions": ["Answer: 7", "Answer: 1"], "scores": [0.0, 1.0]},

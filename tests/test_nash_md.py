@@ -1,7 +1,7 @@
 """algos/nash_md.py beyond its golden values: the tabular algorithm's convergence (and its cycling without
 regularisation), the sampler (mixture frequencies, KV cache and left padding against plain greedy decoding,
 EOS and budgets, batch independence), the symmetrised judge, the expected gradient of the loss, and the bad
-inputs, on a tiny character tokenizer and random Llamas built here. The loss, the tabular step and the
+inputs, on a tiny character tokenizer and random Llamas of tests/tiny.py. The loss, the tabular step and the
 mixture are pinned by tests/golden/nash_md.*.json, the whole script by tests/test_runs.py; the plumbing
 shared with dpo.py is tested in tests/test_dpo.py."""
 
@@ -10,8 +10,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 from datasets import Dataset
-from tokenizers import Tokenizer, models, processors
-from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification, PreTrainedTokenizerFast
+from tokenizers import Tokenizer, models
+from transformers import LlamaForSequenceClassification, PreTrainedTokenizerFast
 
 from algos.nash_md import (
     Args,
@@ -28,6 +28,7 @@ from algos.nash_md import (
     row_generators,
     sample_completions,
 )
+from tests import tiny
 
 RPS = torch.tensor([[0.5, 0.0, 1.0], [1.0, 0.5, 0.0], [0.0, 1.0, 0.5]], dtype=torch.float64)
 UNIFORM = torch.full((3,), 1 / 3, dtype=torch.float64)
@@ -112,27 +113,15 @@ def test_tabular_bad_step_sizes_are_errors():
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    chars = dict.fromkeys("0123456789+-*()=: \nQAnswer[]")
-    vocab = {token: i for i, token in enumerate(["<pad>", "<s>", "</s>", "<unk>", *chars])}
-    backend = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
-    backend.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>",
-                                        pad_token="<pad>", unk_token="<unk>")
-    tokenizer.chat_template = ("{% for m in messages %}{% if m['role'] == 'user' %}{{ 'Q: ' + m['content'] + '\\n' }}"
-                               "{% else %}{{ m['content'] }}{% endif %}{% endfor %}")
-    return tokenizer
+    return tiny.make_tokenizer(chars=tiny.CHARS + "[]")  # "[]" for the preference template's "[1]" and "[2]"
 
 
 def llama_config(tokenizer, **overrides):
-    return LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                       bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                       pad_token_id=tokenizer.pad_token_id, **overrides)
+    return tiny.llama_config(tokenizer, max_position_embeddings=256, **overrides)
 
 
 def tiny_llama(tokenizer, seed):
-    torch.manual_seed(seed)
-    return LlamaForCausalLM(llama_config(tokenizer)).eval()
+    return tiny.tiny_llama(tokenizer, seed, max_position_embeddings=256)
 
 
 def tiny_judge(tokenizer, seed=5):

@@ -11,8 +11,7 @@ from datasets import Dataset
 
 from algos.dpo import dpo_loss
 from algos.npo import Args, collate, compute_loss, npo_loss, prepare_dataset
-from tests.test_dpo import make_tokenizer
-from tests.test_ipo import tiny_llama
+from tests.tiny import make_tokenizer, tiny_llama
 
 
 def random_logps(seed: int, n: int = 64) -> list[torch.Tensor]:

@@ -1,8 +1,8 @@
 """algos/orpo.py beyond its golden values: λ = 0 is sft.py's loss, the loss of a whole batch through the model (the NLL
 per chosen token row by row, the log odds of the mean token log-probs), the log odds where P = e^a nears or reaches 1
 (float32 included), the absence of a reference model and the flag's check, on a tiny character tokenizer and a random
-Llama built here. The loss is pinned by tests/golden/orpo.orpo_loss.json, the whole script by tests/test_runs.py; the
-plumbing shared with dpo.py is tested in tests/test_dpo.py."""
+Llama of tests/tiny.py. The loss is pinned by tests/golden/orpo.orpo_loss.json, the whole script by
+tests/test_runs.py; the plumbing shared with dpo.py is tested in tests/test_dpo.py."""
 
 import dataclasses
 import inspect
@@ -11,12 +11,11 @@ import math
 import pytest
 import torch
 from datasets import Dataset
-from tokenizers import Tokenizer, models, processors
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 import algos.orpo
 from algos.orpo import Args, check_args, collate, compute_loss, orpo_loss, prepare_dataset
 from algos.sft import sft_loss
+from tests.tiny import make_tokenizer, tiny_llama
 
 EXAMPLES = [  # chosen completions of 30, 10 and 20 tokens (EOS included): a per-row mean differs from a token mean
     {"prompt": "Q: (1+2)*3\n", "chosen": "1 + 2 = 3\n3 * 3 = 9\nAnswer: 9", "rejected": "Answer: 8"},
@@ -28,22 +27,12 @@ R_CAP = 69.07755278982137  # the log odds at the cap a = -1e-30: -1e-30 - log(1e
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    chars = dict.fromkeys("0123456789+-*()=: \nQAnswer")
-    vocab = {token: i for i, token in enumerate(["<pad>", "<s>", "</s>", "<unk>", *chars])}
-    backend = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
-    backend.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
-    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
-                                   unk_token="<unk>")
+    return make_tokenizer(chat_template=None)
 
 
 @pytest.fixture(scope="module")
 def model(tokenizer):
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                         pad_token_id=tokenizer.pad_token_id)
-    return LlamaForCausalLM(config).eval()
+    return tiny_llama(tokenizer, 0)
 
 
 @pytest.fixture(scope="module")

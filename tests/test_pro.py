@@ -2,20 +2,20 @@
 the temperatures, simpo.py's pair loss for two completions), the per-list dynamic temperature (shift and scale of the
 scores), the invariance to the order of a list (ties included), the SFT weight λ·(n - 1)², the whole batch through a
 model (lengths from the labels), no reference model, the flags; on a tiny character tokenizer and a random Llama
-built here, no training. The loss is pinned by tests/golden/pro.pro_loss.json, the whole script by tests/test_runs.py."""
+of tests/tiny.py, no training. The loss is pinned by tests/golden/pro.pro_loss.json, the whole script by
+tests/test_runs.py."""
 
 import dataclasses
 
 import pytest
 import torch
 from datasets import Dataset
-from tokenizers import Tokenizer, models, processors
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from algos.lipo import lipo_loss
 from algos.pro import Args, batch_logps, check_args, collate, compute_loss, prepare_dataset, pro_loss
 from algos.simpo import simpo_loss
 from tests.golden import REPO
+from tests.tiny import make_tokenizer, tiny_llama
 
 SIZES = [4, 3, 2, 4, 1]
 LEVELS = torch.tensor([0.0, 1 / 3, 0.5, 2 / 3, 1.0, 2.0], dtype=torch.float64)
@@ -104,21 +104,7 @@ def test_the_sft_term_weighs_the_paper_s_lambda_times_n_minus_1_squared():
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    chars = dict.fromkeys("0123456789+-*()=: \nQAnswer")
-    vocab = {token: i for i, token in enumerate(["<pad>", "<s>", "</s>", "<unk>", *chars])}
-    backend = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
-    backend.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
-    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
-                                   unk_token="<unk>")
-
-
-def tiny_llama(tokenizer, seed):
-    torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                         pad_token_id=tokenizer.pad_token_id)
-    return LlamaForCausalLM(config).eval()
+    return make_tokenizer(chat_template=None)
 
 
 LISTS = [

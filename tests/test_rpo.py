@@ -1,19 +1,18 @@
 """algos/rpo.py beyond its golden values: α = 0 is DPO, the NLL term is sft.py's loss (the chosen completion's
 negative log-likelihood per token, row by row) through the model, the precomputed reference, the flag's check; on a
-tiny character tokenizer and random Llamas built here. The loss is pinned by tests/golden/rpo.rpo_loss.json, the whole
-script by tests/test_runs.py; the plumbing shared with dpo.py is tested in tests/test_dpo.py."""
+tiny character tokenizer and random Llamas of tests/tiny.py. The loss is pinned by tests/golden/rpo.rpo_loss.json,
+the whole script by tests/test_runs.py; the plumbing shared with dpo.py is tested in tests/test_dpo.py."""
 
 import pytest
 import torch
 from datasets import Dataset
-from tokenizers import Tokenizer, models, processors
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from algos.dpo import dpo_loss
 from algos.rpo import (
     Args, batch_logps, check_args, collate, compute_loss, precompute_ref_logps, prepare_dataset, rpo_loss,
 )
 from algos.sft import sft_loss
+from tests.tiny import make_tokenizer, tiny_llama
 
 EXAMPLES = [  # chosen completions of 30, 10 and 20 tokens (EOS included): the per-token mean differs from a batch mean
     {"prompt": "Q: (1+2)*3\n", "chosen": "1 + 2 = 3\n3 * 3 = 9\nAnswer: 9", "rejected": "Answer: 8"},
@@ -25,21 +24,7 @@ LN2 = 0.6931471805599453
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    chars = dict.fromkeys("0123456789+-*()=: \nQAnswer")
-    vocab = {token: i for i, token in enumerate(["<pad>", "<s>", "</s>", "<unk>", *chars])}
-    backend = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
-    backend.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
-    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
-                                   unk_token="<unk>")
-
-
-def tiny_llama(tokenizer, seed):
-    torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                         pad_token_id=tokenizer.pad_token_id)
-    return LlamaForCausalLM(config).eval()
+    return make_tokenizer(chat_template=None)
 
 
 @pytest.fixture(scope="module")

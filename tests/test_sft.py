@@ -1,6 +1,6 @@
 """algos/sft.py beyond its golden values: the tokens it learns from (chosen only, prompt and padding masked), the
 loss of a whole batch through the model against per-row cross-entropies, and its data errors, on the tiny
-character tokenizer and random Llama of tests/test_dpo.py. The loss is pinned by tests/golden/sft.sft_loss.json, the whole
+character tokenizer and random Llama of tests/tiny.py. The loss is pinned by tests/golden/sft.sft_loss.json, the whole
 script by tests/test_runs.py; the plumbing shared with dpo.py by tests/test_dpo.py and tests/test_template.py."""
 
 import pytest
@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from datasets import Dataset
 
 from algos.sft import Args, collate, compute_loss, prepare_dataset, sft_loss
-from tests.test_dpo import make_tokenizer, tiny_model  # noqa: F401 (the fixture: the tiny Llama of dpo.py's tests)
+from tests.tiny import make_tokenizer, tiny_llama
 
 EXAMPLES = [
     {"prompt": "Q: (1+2)*3\n", "chosen": "1 + 2 = 3\n3 * 3 = 9\nAnswer: 9", "rejected": "Answer: 8"},
@@ -21,6 +21,11 @@ EXAMPLES = [
 @pytest.fixture(scope="module")
 def tokenizer():
     return make_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tokenizer):
+    return tiny_llama(tokenizer, 0)
 
 
 def test_rows_hold_the_prompt_and_the_chosen_completion_only(tokenizer):

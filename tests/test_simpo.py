@@ -1,6 +1,6 @@
 """algos/simpo.py beyond its golden values: the lengths it averages by, the loss of a whole batch through the
 model (the SFT term against a plain cross-entropy), the absence of a reference model and the bad inputs,
-on a tiny character tokenizer and a random Llama built here. The loss is pinned by
+on a tiny character tokenizer and a random Llama of tests/tiny.py. The loss is pinned by
 tests/golden/simpo.simpo_loss.json, the whole script by tests/test_runs.py; the plumbing shared with
 dpo.py is tested in tests/test_dpo.py."""
 
@@ -11,11 +11,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 from datasets import Dataset
-from tokenizers import Tokenizer, models, processors
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 import algos.simpo
 from algos.simpo import Args, check_args, collate, completion_lengths, compute_loss, prepare_dataset, simpo_loss
+from tests.tiny import make_tokenizer, tiny_llama
 
 EXAMPLES = [
     {"prompt": "Q: (1+2)*3\n", "chosen": "1 + 2 = 3\n3 * 3 = 9\nAnswer: 9", "rejected": "Answer: 8"},
@@ -26,22 +25,12 @@ EXAMPLES = [
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    chars = dict.fromkeys("0123456789+-*()=: \nQAnswer")
-    vocab = {token: i for i, token in enumerate(["<pad>", "<s>", "</s>", "<unk>", *chars])}
-    backend = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
-    backend.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
-    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
-                                   unk_token="<unk>")
+    return make_tokenizer(chat_template=None)
 
 
 @pytest.fixture(scope="module")
 def model(tokenizer):
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                         pad_token_id=tokenizer.pad_token_id)
-    return LlamaForCausalLM(config).eval()
+    return tiny_llama(tokenizer, 0)
 
 
 @pytest.fixture(scope="module")

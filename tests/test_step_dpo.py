@@ -1,35 +1,16 @@
 """algos/step_dpo.py's data: how a step pair becomes a prompt (question + earlier steps, masked) and two steps
-(no EOS), and the errors on bad step data; on a tiny character tokenizer and a random Llama built here. The loss
+(no EOS), and the errors on bad step data; on a tiny character tokenizer and a random Llama of tests/tiny.py. The loss
 is pinned by tests/golden/step_dpo.step_dpo_loss.json, the whole script by tests/test_runs.py."""
 
 import pytest
 import torch
 from datasets import Dataset
-from tokenizers import Tokenizer, models, processors
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 import algos.dpo
 from algos.step_dpo import (
     Args, check_args, collate, compute_loss, dpo_loss, prepare_dataset, step_dpo_loss, tokenize_row,
 )
-
-CHARS = list("0123456789+-*()=: \nQAnswer")
-# the bundled model's convention: the template writes neither BOS nor EOS
-PLAIN_TEMPLATE = ("{% for m in messages %}{% if m['role'] == 'user' %}{{ 'Q: ' + m['content'] + '\\n' }}"
-                  "{% else %}{{ m['content'] }}{% endif %}{% endfor %}")
-# a Llama-style template that writes BOS at the start and EOS after each assistant turn
-SPECIAL_TEMPLATE = ("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}{{ 'Q: ' + m['content'] + '\\n' }}"
-                    "{% else %}{{ m['content'] + eos_token }}{% endif %}{% endfor %}")
-
-
-def make_tokenizer(chat_template=PLAIN_TEMPLATE):
-    vocab = {token: i for i, token in enumerate(["<pad>", "<s>", "</s>", "<unk>", *dict.fromkeys(CHARS)])}
-    backend = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
-    backend.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>",
-                                        pad_token="<pad>", unk_token="<unk>")
-    tokenizer.chat_template = chat_template
-    return tokenizer
+from tests.tiny import SPECIAL_TEMPLATE, make_tokenizer, tiny_llama
 
 
 @pytest.fixture(scope="module")
@@ -139,12 +120,7 @@ def test_collate_masks_the_question_and_the_earlier_steps(tokenizer):
 
 @pytest.fixture(scope="module")
 def tiny_model(tokenizer):
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                         pad_token_id=tokenizer.pad_token_id)
-    return LlamaForCausalLM(config).eval()
+    return tiny_llama(tokenizer, 0)
 
 
 def test_logps_are_the_log_likelihood_of_the_step_alone(tokenizer, tiny_model):
