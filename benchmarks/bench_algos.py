@@ -57,6 +57,7 @@ KNOBS = {
     "pro": ("sft_weight", [0.01, 0.05, 0.25]),
     "orpo": ("orpo_lambda", [0.025, 0.1, 0.4]),
     "bco": ("reward_shift_decay", [0.9, 0.99, 1.0]),  # ρ in [0, 1]: 1 is δ = 0, the paper's BCE baseline
+    "online_dpo": ("beta", [1.0, 2.0, 4.0]),
 }
 # script -> [(label, flags)]: the script without an optional term of its default (or with the exact judge instead of
 # the learned one), run beside its defaults
