@@ -15,6 +15,7 @@ script (tokens, batches, logging, checkpoints, scaling flags): docs/conventions.
 
 import itertools
 import json
+import math
 import os
 import random
 import re
@@ -41,7 +42,7 @@ from torch.distributed.fsdp import fully_shard
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, get_scheduler
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 SIGNALS = []  # the signals received, see note_signal
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -146,8 +147,8 @@ class Args:
     eval_steps: int = 100
     """evaluate every this many optimiser steps (0: only at the end)"""
 
-    beta: float = 2.5
-    """β, the scale of the reward β·logp(y)/|y| (large: about 2-10, not DPO's 0.1)"""
+    beta: float = 1.0
+    """β, the scale of the reward β·logp(y)/|y| (the paper uses 2-10, not DPO's 0.1)"""
     gamma_beta_ratio: float = 0.1
     """γ/β, the target reward margin γ over β (the official code's knob; TRL's simpo_gamma is γ = β·this)"""
     label_smoothing: float = 0.0
@@ -514,6 +515,21 @@ def global_batches(num_rows: int, global_batch_size: int, seed: int):
             yield order[start : start + global_batch_size]
 
 
+def lr_scheduler(name: str, optimizer, warmup_steps: int, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """The learning rate's multiplier at each step, as transformers' get_scheduler has it (without importing its
+    trainer): linear warm-up over warmup_steps, then linear decay to 0 at total_steps, a half cosine to 0, or
+    constant."""
+    def multiplier(step: int) -> float:
+        if step < warmup_steps:
+            return float(step) / float(max(1, warmup_steps))
+        progress = float(step - warmup_steps) / float(max(1, total_steps - warmup_steps))
+        if name == "linear":
+            return max(0.0, float(total_steps - step) / float(max(1, total_steps - warmup_steps)))
+        return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress))) if name == "cosine" else 1.0
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, multiplier)
+
+
 def mean_over_ranks(sums: dict[str, torch.Tensor], count: torch.Tensor) -> dict[str, float]:
     """Metric sums divided by the number of rows, both summed over all processes."""
     keys = sorted(sums)
@@ -732,7 +748,7 @@ if __name__ == "__main__":
         raise ValueError(f"the train split has {len(train_rows)} rows, less than a global batch ({global_batch_size})")
     total_steps = args.max_steps if args.max_steps is not None else args.num_train_epochs * steps_per_epoch
     optimizer = torch.optim.AdamW(policy.parameters(), lr=args.learning_rate, weight_decay=0.0)
-    scheduler = get_scheduler(args.lr_scheduler_type, optimizer, round(args.warmup_ratio * total_steps), total_steps)
+    scheduler = lr_scheduler(args.lr_scheduler_type, optimizer, round(args.warmup_ratio * total_steps), total_steps)
 
     # output directory: written only now that model and data have loaded; --resume restores the newest checkpoint
     state = {"step": 0, "sums": {}, "count": torch.zeros((), device=device), "train_metrics": {}, "eval_metrics": {}}

@@ -16,6 +16,7 @@ from algos.dpo import (
     dpo_loss,
     global_batches,
     load_splits,
+    lr_scheduler,
     precompute_ref_logps,
     prepare_dataset,
     tokenize_row,
@@ -191,3 +192,20 @@ def test_load_splits_from_local_files(tmp_path):
     assert load_splits(str(tmp_path / "pairs.parquet"), None, "train", None)[0][0] == train[0]
     with pytest.raises(FileNotFoundError, match="pairs_validation.jsonl"):
         load_splits(str(tmp_path / "pairs_{split}.jsonl"), None, "train", "validation")
+
+
+@pytest.mark.parametrize("name", ["linear", "cosine", "constant_with_warmup"])
+def test_lr_scheduler_is_transformers_get_scheduler(name):
+    """The plumbing's schedule, written out so that the scripts need not import transformers' trainer (seconds at
+    every start), gives transformers' learning rates exactly, warm-up and edge cases included."""
+    from transformers import get_scheduler
+
+    for warmup_steps, total_steps in [(0, 10), (3, 10), (10, 10), (1, 1), (42, 422)]:
+        optimizers = [torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=3e-4) for _ in range(2)]
+        theirs = get_scheduler(name, optimizers[0], warmup_steps, total_steps)
+        ours = lr_scheduler(name, optimizers[1], warmup_steps, total_steps)
+        for _ in range(total_steps + 2):
+            assert ours.get_last_lr() == theirs.get_last_lr()
+            for optimizer, scheduler in zip(optimizers, (theirs, ours)):
+                optimizer.step()
+                scheduler.step()
