@@ -42,7 +42,7 @@ from benchmarks.arith.evaluate import mean_and_stderr  # noqa: E402
 KNOBS = {
     "dpo": ("beta", [1.0, 2.0, 4.0]),
     "ipo": ("tau", [0.1, 0.2, 0.3]),
-    "simpo": ("beta", [1.0, 2.5, 10.0]),
+    "simpo": ("beta", [0.5, 1.0, 2.5]),
     "cpl": ("alpha", [0.05, 0.1, 0.2]),
     "step_dpo": ("beta", [1.0, 2.0, 4.0]),
     "kto": ("beta", [1.0, 2.0, 4.0]),
