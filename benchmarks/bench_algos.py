@@ -195,20 +195,27 @@ def plots(results: list[dict], base: dict, out: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4.5))
+    fig, ax = plt.subplots(figsize=(8, 5.5))
     ax.scatter([0], [base["sampled_accuracy"]], color="black", marker="*", s=120, label="base model", zorder=3)
-    for script, variant in dict.fromkeys((r["script"], r["variant"]) for r in results):
+    off_plot = []  # collapsed runs (KL > 5): named in the title, so that they do not squeeze the rest
+    for i, (script, variant) in enumerate(dict.fromkeys((r["script"], r["variant"]) for r in results)):
         points = {}
         for r in results:
             if (r["script"], r["variant"]) == (script, variant):
                 points.setdefault(r["value"], []).append((r["eval"]["kl"], r["eval"]["sampled_accuracy"]))
         xy = sorted((statistics.mean(p[0] for p in v), statistics.mean(p[1] for p in v),
                      statistics.stdev(p[1] for p in v) / len(v) ** 0.5 if len(v) > 1 else 0.0) for v in points.values())
-        ax.errorbar([p[0] for p in xy], [p[1] for p in xy], yerr=[p[2] for p in xy], marker="o", capsize=2,
-                    label=f"{script} ({variant})" if variant else script)
+        name = f"{script} ({variant})" if variant else script
+        off_plot += [f"{name}: KL {x:.0f}, accuracy {y:.2f}" for x, y, _ in xy if x > 5]
+        xy = [p for p in xy if p[0] <= 5]
+        if xy:
+            ax.errorbar([p[0] for p in xy], [p[1] for p in xy], yerr=[p[2] for p in xy], marker="osD^v"[i // 10],
+                        linestyle="-" if i < 10 else "--", capsize=2, label=name)
     ax.set_xlabel("KL(policy || base), nats per completion")
     ax.set_ylabel("held-out accuracy of samples at temperature 1")
-    ax.legend(fontsize=8)
+    if off_plot:
+        ax.set_title("off the plot: " + "; ".join(off_plot), fontsize=8)
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1, 0.5))
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(out / "frontier.png", dpi=120)
