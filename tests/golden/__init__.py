@@ -238,6 +238,12 @@ def run_script(script_path: str, args: list[str], output_dir: Path, nproc: int =
                    script_path]
     command += [*args, "--output-dir", str(output_dir)]
     done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    if (nproc > 1 and done.returncode != 0 and "terminate called without an active exception" in done.stderr
+            and "--resume" not in args):
+        # a rare abort of gloo's worker threads as a process exits, after its run has finished (a known torch
+        # issue, not the script's): run it once more from scratch
+        shutil.rmtree(output_dir, ignore_errors=True)
+        done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
     if done.returncode != 0:
         raise RuntimeError(f"{' '.join(command)} failed ({done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-5000:]}")
     return [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
