@@ -14,7 +14,8 @@ from transformers import LlamaForCausalLM
 from algos.bco import (REWARD_MEANS, Args, check_args, class_means, collate, compute_loss, micro_batch,
                        prepare_dataset, update_reward_means)
 from tests.golden import REPO, assert_same_run, interrupted_copy, run_script
-from tests.test_kto import BAD, GOOD, OTHER, dataset, naive_logp, tiny_model, tokenizer  # noqa: F401 (fixtures)
+from tests.test_kto import BAD, GOOD, OTHER, dataset, tiny_model, tokenizer  # noqa: F401 (fixtures)
+from tests.tiny import naive_logp
 
 LN2 = 0.6931471805599453
 

@@ -10,7 +10,7 @@ from datasets import Dataset
 from algos.ipo import (
     Args, check_args, collate, completion_lengths, compute_loss, ipo_loss, precompute_ref_logps, prepare_dataset,
 )
-from tests.tiny import make_tokenizer, tiny_llama
+from tests.tiny import make_tokenizer, naive_logp, tiny_llama
 
 EXAMPLES = [
     {"prompt": "Q: (1+2)*3\n", "chosen": "1 + 2 = 3\n3 * 3 = 9\nAnswer: 9", "rejected": "Answer: 8"},
@@ -27,13 +27,6 @@ def tokenizer():
 @pytest.fixture(scope="module")
 def rows(tokenizer):
     return prepare_dataset(Dataset.from_list(EXAMPLES), tokenizer, len(tokenizer), Args())
-
-
-def naive_logps(model, row, key):
-    """Summed log-probs of one completion, by a float64 log-softmax over the whole sequence."""
-    sequence = torch.tensor([row["prompt_ids"] + row[key]])
-    logp = model(sequence).logits.double().log_softmax(-1)[0, :-1].gather(-1, sequence[0, 1:, None])
-    return logp[len(row["prompt_ids"]) - 1 :].sum().item()
 
 
 def test_completion_lengths_count_the_completion_tokens_with_eos(tokenizer, rows):
@@ -53,8 +46,9 @@ def test_batch_loss_is_the_equation_on_naive_logps(tokenizer, rows, length_norma
     for r in rows:
         n_chosen = len(r["chosen_ids"]) if length_normalize else 1
         n_rejected = len(r["rejected_ids"]) if length_normalize else 1
-        h = ((naive_logps(policy, r, "chosen_ids") - naive_logps(reference, r, "chosen_ids")) / n_chosen
-             - (naive_logps(policy, r, "rejected_ids") - naive_logps(reference, r, "rejected_ids")) / n_rejected)
+        chosen, rejected = ((naive_logp(policy, r["prompt_ids"], r[key]) - naive_logp(reference, r["prompt_ids"], r[key]))
+                            for key in ("chosen_ids", "rejected_ids"))
+        h = chosen / n_chosen - rejected / n_rejected
         expected.append((h - 1 / (2 * args.tau)) ** 2)
     assert loss.item() == pytest.approx(sum(expected) / len(expected), rel=1e-5)
     assert metrics["loss"].item() == pytest.approx(sum(expected), rel=1e-5)

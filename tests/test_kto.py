@@ -30,7 +30,7 @@ from algos.kto import (
     unpair,
 )
 from tests.golden import REPO, RUN_ENV
-from tests.tiny import make_tokenizer, tiny_llama
+from tests.tiny import make_tokenizer, naive_logp, tiny_llama
 
 
 @pytest.fixture(scope="module")
@@ -211,12 +211,6 @@ def test_eval_groups_cover_every_row_once_and_never_leave_a_group_too_small():
 @pytest.fixture(scope="module")
 def tiny_model(tokenizer):
     return tiny_llama(tokenizer, 0)
-
-
-def naive_logp(model, prompt_ids, completion_ids):
-    sequence = torch.tensor([prompt_ids + completion_ids])
-    logp = model(sequence).logits.double().log_softmax(-1)[0, :-1].gather(-1, sequence[0, 1:, None])
-    return logp[len(prompt_ids) - 1 :].sum().item()
 
 
 def test_log_probs_of_the_rows_and_of_the_mismatched_pairs(tokenizer, tiny_model):

@@ -45,13 +45,18 @@ def fixed_sampler(tokenizer, calls):
     return sample
 
 
+def setup(tokenizer, **flags):
+    """A training policy, a reference, the flags, the indexed rows of PROMPTS and the verifier (the default judge)."""
+    args = Args(**flags)
+    rows = indexed_rows(tokenizer, args)
+    judge = load_judge(args, torch.float32, "cpu", [row["prompt_text"] for row in rows])
+    return tiny.tiny_llama(tokenizer, 1).train(), tiny.tiny_llama(tokenizer, 2), args, rows, judge
+
+
 def test_one_round_is_dpo_s_loss_on_the_judged_pair_and_a_tie_gives_nothing(tokenizer, monkeypatch):
     calls = []
     monkeypatch.setattr(online_dpo, "sample_completions", fixed_sampler(tokenizer, calls))
-    policy, reference = tiny.tiny_llama(tokenizer, 1).train(), tiny.tiny_llama(tokenizer, 2)
-    args = Args(judge="verifier", beta=0.5)
-    rows = indexed_rows(tokenizer, args)
-    judge = load_judge(args, torch.float32, "cpu", [row["prompt_text"] for row in rows])
+    policy, reference, args, rows, judge = setup(tokenizer, beta=0.5)
     loss, metrics, samples = compute_loss(policy, reference, judge, tokenizer, rows, 1, args, tokenizer.pad_token_id,
                                           0.0)
     assert calls == [[0.0] * 6]  # training: y1 and y2 both from the policy
@@ -60,7 +65,7 @@ def test_one_round_is_dpo_s_loss_on_the_judged_pair_and_a_tie_gives_nothing(toke
     pairs = [{"prompt": p["prompt"], "chosen": w, "rejected": l} for p, (w, l) in zip(PROMPTS, ordered)]
     pair_rows = dpo.prepare_dataset(Dataset.from_list(pairs), tokenizer, len(tokenizer), dpo.Args())
     dpo_args = dpo.Args(beta=0.5)
-    theirs, their_metrics = dpo.compute_loss(policy, reference, dpo.collate(pair_rows, tokenizer.pad_token_id), dpo_args)
+    _, their_metrics = dpo.compute_loss(policy, reference, dpo.collate(pair_rows, tokenizer.pad_token_id), dpo_args)
     judged, _ = dpo.compute_loss(policy, reference, dpo.collate(pair_rows[:2], tokenizer.pad_token_id), dpo_args)
     torch.testing.assert_close(loss, judged * 2 / 3)  # the mean over 3 pairs, the tie's loss 0
     for key in ("rewards/chosen", "rewards/rejected", "rewards/margins", "logps/chosen", "logps/rejected"):
@@ -73,10 +78,7 @@ def test_one_round_is_dpo_s_loss_on_the_judged_pair_and_a_tie_gives_nothing(toke
 def test_a_round_of_ties_has_no_gradient(tokenizer, monkeypatch):
     monkeypatch.setattr(online_dpo, "sample_completions", lambda policy, ref, prompts, *a, **k: [
         tokenizer("Answer: 0", add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]] * len(prompts))
-    policy, reference = tiny.tiny_llama(tokenizer, 1).train(), tiny.tiny_llama(tokenizer, 2)
-    args = Args(judge="verifier")
-    rows = indexed_rows(tokenizer, args)
-    judge = load_judge(args, torch.float32, "cpu", [row["prompt_text"] for row in rows])
+    policy, reference, args, rows, judge = setup(tokenizer)
     loss, metrics, _ = compute_loss(policy, reference, judge, tokenizer, rows, 1, args, tokenizer.pad_token_id, 0.0)
     assert loss.item() == 0 and metrics["rewards/ties"] == 3
     loss.backward()
@@ -86,10 +88,7 @@ def test_a_round_of_ties_has_no_gradient(tokenizer, monkeypatch):
 def test_evaluation_plays_the_policy_against_the_reference(tokenizer, monkeypatch):
     calls = []
     monkeypatch.setattr(online_dpo, "sample_completions", fixed_sampler(tokenizer, calls))
-    policy, reference = tiny.tiny_llama(tokenizer, 1).train(), tiny.tiny_llama(tokenizer, 2)
-    args = Args(judge="verifier", per_device_eval_batch_size=8)
-    rows = indexed_rows(tokenizer, args)
-    judge = load_judge(args, torch.float32, "cpu", [row["prompt_text"] for row in rows])
+    policy, reference, args, rows, judge = setup(tokenizer, per_device_eval_batch_size=8)
     metrics = evaluate(policy, reference, judge, tokenizer, rows, args, tokenizer.pad_token_id, "cpu",
                        torch.autocast("cpu", enabled=False))
     assert calls == [[0.0] * 3 + [1.0] * 3]  # y2 from the reference

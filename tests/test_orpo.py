@@ -15,7 +15,7 @@ from datasets import Dataset
 import algos.orpo
 from algos.orpo import Args, check_args, collate, compute_loss, orpo_loss, prepare_dataset
 from algos.sft import sft_loss
-from tests.tiny import make_tokenizer, tiny_llama
+from tests.tiny import make_tokenizer, naive_logp, tiny_llama
 
 EXAMPLES = [  # chosen completions of 30, 10 and 20 tokens (EOS included): a per-row mean differs from a token mean
     {"prompt": "Q: (1+2)*3\n", "chosen": "1 + 2 = 3\n3 * 3 = 9\nAnswer: 9", "rejected": "Answer: 8"},
@@ -40,13 +40,6 @@ def rows(tokenizer):
     return prepare_dataset(Dataset.from_list(EXAMPLES), tokenizer, len(tokenizer), Args())
 
 
-def naive_logps(model, row, key):
-    """Summed log-probs of one completion, by a float64 log-softmax over the whole sequence."""
-    sequence = torch.tensor([row["prompt_ids"] + row[key]])
-    logp = model(sequence).logits.double().log_softmax(-1)[0, :-1].gather(-1, sequence[0, 1:, None])
-    return logp[len(row["prompt_ids"]) - 1 :].sum().item()
-
-
 def test_lambda_zero_is_sft_s_loss_exactly():
     torch.manual_seed(0)
     chosen, rejected = (-torch.rand(6, dtype=torch.float64) * 40).requires_grad_(), -torch.rand(6, dtype=torch.float64)
@@ -63,14 +56,16 @@ def test_batch_loss_is_the_equation_on_mean_token_log_probs(tokenizer, rows, mod
     loss, metrics = compute_loss(model, collate(rows, tokenizer.pad_token_id), Args(orpo_lambda=0.7))
     expected, nll = [], []
     for row in rows:
-        a_w, a_l = (naive_logps(model, row, key) / len(row[key]) for key in ("chosen_ids", "rejected_ids"))
+        a_w, a_l = (naive_logp(model, row["prompt_ids"], row[key]) / len(row[key])
+                    for key in ("chosen_ids", "rejected_ids"))
         r_w, r_l = (a - math.log(-math.expm1(a)) for a in (a_w, a_l))
         expected.append(-a_w + 0.7 * math.log1p(math.exp(-(r_w - r_l))))
         nll.append(-a_w)
     assert [len(row["chosen_ids"]) for row in rows] == [30, 10, 20]
     assert loss.item() == pytest.approx(sum(expected) / 3, rel=1e-5)
     assert metrics["nll_loss"].item() == pytest.approx(sum(nll), rel=1e-5)
-    token_mean = -sum(naive_logps(model, row, "chosen_ids") for row in rows) / sum(len(r["chosen_ids"]) for r in rows)
+    summed = -sum(naive_logp(model, row["prompt_ids"], row["chosen_ids"]) for row in rows)
+    token_mean = summed / sum(len(r["chosen_ids"]) for r in rows)
     assert abs(sum(nll) / 3 - token_mean) > 1e-3  # a batch-level token mean differs here
 
 

@@ -14,7 +14,7 @@ from datasets import Dataset
 
 import algos.simpo
 from algos.simpo import Args, check_args, collate, completion_lengths, compute_loss, prepare_dataset, simpo_loss
-from tests.tiny import make_tokenizer, tiny_llama
+from tests.tiny import make_tokenizer, naive_logp, tiny_llama
 
 EXAMPLES = [
     {"prompt": "Q: (1+2)*3\n", "chosen": "1 + 2 = 3\n3 * 3 = 9\nAnswer: 9", "rejected": "Answer: 8"},
@@ -38,13 +38,6 @@ def rows(tokenizer):
     return prepare_dataset(Dataset.from_list(EXAMPLES), tokenizer, len(tokenizer), Args())
 
 
-def naive_logps(model, row, key):
-    """Summed log-probs of one completion, by a float64 log-softmax over the whole sequence."""
-    sequence = torch.tensor([row["prompt_ids"] + row[key]])
-    logp = model(sequence).logits.double().log_softmax(-1)[0, :-1].gather(-1, sequence[0, 1:, None])
-    return logp[len(row["prompt_ids"]) - 1 :].sum().item()
-
-
 def test_completion_lengths_count_the_completion_tokens_with_eos(tokenizer, rows):
     chosen, rejected = completion_lengths(collate(rows, tokenizer.pad_token_id)["labels"]).chunk(2)
     assert chosen.tolist() == [len(r["chosen_ids"]) for r in rows]
@@ -57,8 +50,8 @@ def test_batch_loss_is_the_equation_on_naive_average_logps(tokenizer, rows, mode
     loss, metrics = compute_loss(model, collate(rows, tokenizer.pad_token_id), args)
     expected, margins = [], []
     for r in rows:
-        margin = args.beta * (naive_logps(model, r, "chosen_ids") / len(r["chosen_ids"])
-                              - naive_logps(model, r, "rejected_ids") / len(r["rejected_ids"]))
+        margin = args.beta * (naive_logp(model, r["prompt_ids"], r["chosen_ids"]) / len(r["chosen_ids"])
+                              - naive_logp(model, r["prompt_ids"], r["rejected_ids"]) / len(r["rejected_ids"]))
         z = torch.tensor(margin - args.beta * args.gamma_beta_ratio, dtype=torch.float64)
         expected.append((-0.9 * F.logsigmoid(z) - 0.1 * F.logsigmoid(-z)).item())
         margins.append(margin)

@@ -39,3 +39,11 @@ def tiny_llama(tokenizer, seed=0, **overrides):
     in eval mode."""
     torch.manual_seed(seed)
     return LlamaForCausalLM(llama_config(tokenizer, **overrides)).eval()
+
+
+def naive_logp(model, prompt_ids: list[int], completion_ids: list[int]) -> float:
+    """The summed log-probs of a completion after its prompt, by a float64 log-softmax over the whole sequence:
+    the slow, obvious computation the scripts' batched log-probs are checked against."""
+    sequence = torch.tensor([prompt_ids + completion_ids])
+    logp = model(sequence).logits.double().log_softmax(-1)[0, :-1].gather(-1, sequence[0, 1:, None])
+    return logp[len(prompt_ids) - 1 :].sum().item()
